@@ -1,0 +1,33 @@
+# make test  — create .venv, install the project and its dev tools, run the test suite
+# make demo  — create .venv, install, run the demo
+# The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
+# torchvision from local files (segment-anything needs torchvision). Override TORCH_SPEC elsewhere.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m nextchat.tiny .cache/tiny-random-checkpoint
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nextchat tests
+	$(VENV)/bin/ruff format --check nextchat tests
+	$(VENV)/bin/pyright
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
