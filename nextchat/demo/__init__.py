@@ -1,0 +1,1 @@
+"""Synthetic shapes world for training and evaluating the grounding demo model."""
