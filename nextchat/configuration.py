@@ -127,6 +127,8 @@ class NextChatConfig:
         mm_vision_select_layer: which entry of the tower's ``hidden_states`` to use (CLIP towers drop CLS).
         image_first: put the image before the question in prompts (official); small presets trained from scratch
             put the question first so the image positions can see it through causal attention.
+        system_prompt: the conversation's system line; ``None`` is vicuna_v1.1's (official). A small preset may
+            use ``""`` to keep its sequences short.
         mask_iou_threshold: masks whose predicted IoU is below this are reported empty (the official demo's 0.3).
         name: a preset name or checkpoint id, for provenance.
     """
@@ -138,6 +140,7 @@ class NextChatConfig:
     mm_depth: int = 2
     mm_vision_select_layer: int = -2
     image_first: bool = True
+    system_prompt: str | None = None
     mask_iou_threshold: float = 0.3
     name: str = "nextchat"
 
@@ -197,6 +200,7 @@ class NextChatConfig:
                 "vision_config": dict(self.vision),
                 "sam_config": dataclasses.asdict(self.sam),
                 "image_first": self.image_first,
+                "system_prompt": self.system_prompt,
                 "mask_iou_threshold": self.mask_iou_threshold,
             },
         )
@@ -241,6 +245,7 @@ class NextChatConfig:
             mm_depth=int(raw.get("mm_depth", 2)),
             mm_vision_select_layer=int(raw.get("mm_vision_select_layer", -2)),
             image_first=bool(extra.get("image_first", True)),
+            system_prompt=extra.get("system_prompt"),
             mask_iou_threshold=float(extra.get("mask_iou_threshold", 0.3)),
             name=extra.get("name") or name or str(raw.get("_name_or_path") or "nextchat"),
         )
@@ -339,9 +344,79 @@ def build_tiny(vocab_size: int = 128) -> NextChatConfig:
     return NextChatConfig(text=text, vision=vision, sam=sam, mm_hidden_size=32, name="tiny")
 
 
+def build_demo_shapes(vocab_size: int = 645) -> NextChatConfig:
+    """The embedded demo model, trained from scratch on the shapes world on a 2-core CPU.
+
+    Sizes follow from that budget (measured, see ``nextchat/demo/README.md``):
+
+    - CLIP-style ViT tower, 128 px, 16 px patches → 64 image tokens: the same tower class as the 7B; objects are
+      at least ~10 px in the square frame, so one patch still sees a whole small shape. Its learned absolute
+      position embeddings carry "where" into the features the box decoder reads. Last layer (-1): the tower is
+      trained for this model, there is no later layer to skip.
+    - LLaMA 3 × 192: enough to bind colour and shape words to image positions; small enough for ~1 s a step.
+    - A vocabulary of a few hundred pieces trained on the task texts (byte fallback keeps any text encodable).
+    - Question before the image and no system line: with causal attention only positions after the question can
+      condition on it, and every token saved is step time.
+    - SAM: a 2-block ViT encoder of width 64 at 128 px with 8 px patches (16 × 16 grid, 64 × 64 low-res masks),
+      prompt width 64, so masks are fine enough for shapes that fill 10–50 px.
+    """
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "hidden_act": "silu",
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 192,
+        "intermediate_size": 768,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "image_size": 128,
+        "patch_size": 16,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 192,
+    }
+    sam = SamConfig(
+        encoder_embed_dim=64,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(1,),
+        encoder_window_size=8,
+        patch_size=8,
+        image_size=128,
+        prompt_embed_dim=64,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
+    )
+    return NextChatConfig(
+        text=text,
+        vision=vision,
+        sam=sam,
+        mm_hidden_size=192,
+        mm_vision_select_layer=-1,
+        image_first=False,
+        system_prompt="",
+        name="demo-shapes",
+    )
+
+
 PRESETS: dict[str, Callable[[], NextChatConfig]] = {
     "nextchat-7b-336": build_nextchat_7b_336,
     "tiny": build_tiny,
+    "demo-shapes": build_demo_shapes,
 }
 
 

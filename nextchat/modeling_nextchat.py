@@ -281,6 +281,7 @@ class NextChatModel(nn.Module):
         position_ids: torch.Tensor,
         cache: object | None = None,
         logits_positions: torch.Tensor | None = None,
+        use_cache: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, object]:
         """One LLaMA pass.
 
@@ -290,6 +291,7 @@ class NextChatModel(nn.Module):
             position_ids: ``[B, T]``.
             cache: a transformers cache holding ``past`` positions, or ``None``.
             logits_positions: if given, ``[B]`` index into T whose logits to compute (the others are not needed).
+            use_cache: build and return the cache (training does not need one).
 
         Returns:
             final-norm hidden states ``[B, T, hidden]``, logits (``[B, vocab]`` at ``logits_positions``, else
@@ -299,7 +301,7 @@ class NextChatModel(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            use_cache=True,
+            use_cache=use_cache,
             **{_CACHE_ARG: cache},
         )
         hidden = out.last_hidden_state
@@ -308,7 +310,7 @@ class NextChatModel(nn.Module):
             logits = self.lm_head(picked).float()
         else:
             logits = self.lm_head(hidden).float()
-        return hidden, logits, getattr(out, _CACHE_ARG)
+        return hidden, logits, getattr(out, _CACHE_ARG, None)
 
     # ------------------------------------------------------------------------------------------------------------
     # Masks

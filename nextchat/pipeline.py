@@ -121,7 +121,7 @@ class NextChatPipeline:
     def prompt_ids(self, message: str, answer_prefix: str = "") -> list[int]:
         """Token ids of a one-turn prompt about one image (the template and the image block included)."""
         config = self.model.config
-        text = chat_prompt(message, config.image_token_len, config.image_first)
+        text = chat_prompt(message, config.image_token_len, config.image_first, config.system_prompt)
         if answer_prefix:
             text = f"{text} {answer_prefix}"
         return self.tokenizer.encode(text)

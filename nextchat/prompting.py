@@ -30,18 +30,22 @@ def image_block(num_tokens: int) -> str:
     return IM_START + IM_PATCH * num_tokens + IM_END
 
 
-def chat_prompt(message: str, image_tokens: int | None, image_first: bool = True) -> str:
+def chat_prompt(
+    message: str, image_tokens: int | None, image_first: bool = True, system_prompt: str | None = None
+) -> str:
     """One user turn in the vicuna_v1.1 template, ready for the assistant's answer.
 
     Args:
         message: the user's text (with ``<at> <boxes>`` for each input box).
         image_tokens: number of image tokens, or ``None`` for a text-only prompt.
         image_first: image before the message (official); after it for models trained that way.
+        system_prompt: the system line; ``None`` for vicuna_v1.1's, ``""`` for none.
     """
     if image_tokens is not None:
         block = image_block(image_tokens)
         message = f"{block} {message}" if image_first else f"{message} {block}"
-    return f"{SYSTEM_PROMPT} USER: {message} ASSISTANT:"
+    system = SYSTEM_PROMPT if system_prompt is None else system_prompt
+    return f"{system} USER: {message} ASSISTANT:".lstrip()
 
 
 def locate_question(expression: str) -> str:

@@ -154,9 +154,22 @@ class NextChatTokenizer:
             text = text[1:]
         pieces: list[str] = self.sp.encode(text, out_type=str)
         # sentencepiece prepends its dummy "▁" to every call; only the text's first chunk may keep it.
+        ids = [self.sp.piece_to_id(p) for p in pieces]
         if not is_first and not text.startswith(" ") and pieces and pieces[0].startswith(SPIECE_UNDERLINE):
-            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
-        return [self.sp.piece_to_id(p) for p in pieces]
+            rest = pieces[0][1:]
+            # 4.31 looks the rest up as a piece; LLaMA's vocabulary has them all, a small one may not: then spell
+            # it out (characters, else bytes) rather than emit <unk>.
+            head = [self.sp.piece_to_id(rest)] if rest else []
+            if rest and head[0] == self.sp.unk_id():
+                head = [i for ch in rest for i in self._spell(ch)]
+            ids = head + ids[1:]
+        return ids
+
+    def _spell(self, char: str) -> list[int]:
+        piece = self.sp.piece_to_id(char)
+        if piece != self.sp.unk_id():
+            return [piece]
+        return [self.sp.piece_to_id(f"<0x{b:02X}>") for b in char.encode()]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Ids → text. ``<s>``/``</s>``/``<unk>`` are dropped when asked; added tokens stay, separated by spaces."""
@@ -186,10 +199,14 @@ class NextChatTokenizer:
         return [self._id_to_added.get(int(i)) or self.sp.id_to_piece(int(i)) for i in ids]
 
 
-def train_tokenizer(corpus: Iterable[str], directory: str | Path, vocab_size: int) -> NextChatTokenizer:
+def train_tokenizer(
+    corpus: Iterable[str], directory: str | Path, vocab_size: int, whole_pieces: Sequence[str] = ()
+) -> NextChatTokenizer:
     """Train a small LLaMA-style BPE vocabulary (byte fallback, ``<unk> <s> </s>`` = 0 1 2) and add NExT-Chat's tokens.
 
     Small presets use this so their embedding tables stay small while the encoding rules stay the official ones.
+    ``whole_pieces`` become single pieces wherever they occur: text right after an added token is encoded without
+    sentencepiece's word-start marker, which BPE trained on plain sentences rarely merges well ("ASSISTANT:").
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -209,6 +226,8 @@ def train_tokenizer(corpus: Iterable[str], directory: str | Path, vocab_size: in
         add_dummy_prefix=True,
         remove_extra_whitespaces=False,
         split_digits=True,
+        user_defined_symbols=list(whole_pieces),
+        hard_vocab_limit=False,  # a small corpus may support fewer merges than asked for
         num_threads=1,
         minloglevel=2,
     )
