@@ -1,0 +1,4 @@
+from mcp_server.cli import main
+
+
+main()

@@ -1,0 +1,182 @@
+"""Bounded, expiring stores behind the handles the tools hand out (images, objects, masks, overlays).
+
+Handles are unguessable (128 random bits). Every store is bounded by entry count and by bytes and forgets entries
+after a lifetime; a forgotten handle reads as "not found", and the tools say to call again with the image.
+Thread-safe: the tools run on the event loop, the model in a worker thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+
+V = TypeVar("V")
+MAX_OBJECTS_PER_IMAGE = 256
+
+
+def new_handle(prefix: str) -> str:
+    """``prefix`` + 32 hex digits (128 random bits): URI-safe, unguessable."""
+    return f"{prefix}{secrets.token_hex(16)}"
+
+
+class BoundedStore(Generic[V]):
+    """An LRU map with a count cap, a byte cap and a time-to-live.
+
+    Args:
+        max_entries: most entries kept.
+        max_bytes: most bytes kept, as measured by ``size_of``.
+        ttl_s: seconds an entry lives after it was last written or read.
+        size_of: an entry's size in bytes.
+        clock: time source (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        max_entries: int,
+        max_bytes: int,
+        ttl_s: float,
+        size_of: Callable[[V], int] = lambda _: 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
+        self._size_of, self._clock = size_of, clock
+        self._items: OrderedDict[str, tuple[V, int, float]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: V) -> None:
+        """Store ``value`` under ``key`` (replacing any), then evict expired and least recently used entries."""
+        size = self._size_of(value)
+        with self._lock:
+            self._pop(key)
+            self._items[key] = (value, size, self._clock())
+            self._bytes += size
+            self._evict()
+
+    def get(self, key: str) -> V | None:
+        """The value, or ``None`` when unknown or expired; a hit refreshes its lifetime and recency."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            value, size, stamp = item
+            now = self._clock()
+            if now - stamp > self.ttl_s:
+                self._pop(key)
+                return None
+            self._items[key] = (value, size, now)
+            self._items.move_to_end(key)
+            return value
+
+    def __contains__(self, key: object) -> bool:
+        """Presence without refreshing the entry (expired entries count as absent)."""
+        with self._lock:
+            item = self._items.get(key)  # type: ignore[call-overload]
+            return item is not None and self._clock() - item[2] <= self.ttl_s
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def _pop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= item[1]
+
+    def _evict(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, _, stamp) in self._items.items() if now - stamp > self.ttl_s]:
+            self._pop(key)
+        while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
+            self._pop(next(iter(self._items)))
+
+
+@dataclass
+class ImageRecord:
+    """An image behind a handle, with the objects located in it (ids ``o1``, ``o2``, ... scoped to the handle)."""
+
+    handle: str
+    pixels: np.ndarray
+    sha256: str
+    objects: dict[str, StoredObject] = field(default_factory=dict)
+    _next_object: int = 1
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def add_object(self, phrase: str, box: tuple[float, float, float, float], state: object) -> str:
+        """Keep a located object and return its id; the oldest go first past :data:`MAX_OBJECTS_PER_IMAGE`."""
+        object_id = f"o{self._next_object}"
+        self._next_object += 1
+        self.objects[object_id] = StoredObject(object_id, phrase, box, state)
+        while len(self.objects) > MAX_OBJECTS_PER_IMAGE:
+            del self.objects[next(iter(self.objects))]
+        return object_id
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A located object: what ``segment_object``/``describe_region`` need to reuse it by id."""
+
+    id: str
+    phrase: str
+    box: tuple[float, float, float, float]
+    state: object = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StoredPng:
+    """PNG bytes behind a ``mask://`` or ``overlay://`` handle, and the image they belong to."""
+
+    png: bytes
+    image_handle: str
+
+
+class ImageStore:
+    """Images by handle, deduplicated by content: the same bytes get the same handle while it lives."""
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 2 << 30, ttl_s: float = 3600.0) -> None:
+        self._store: BoundedStore[ImageRecord] = BoundedStore(
+            max_entries, max_bytes, ttl_s, size_of=lambda r: int(r.pixels.nbytes)
+        )
+        self._by_sha: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def ttl_s(self) -> float:
+        return self._store.ttl_s
+
+    def add(self, pixels: np.ndarray, sha256: str) -> ImageRecord:
+        with self._lock:
+            handle = self._by_sha.get(sha256)
+            record = self._store.get(handle) if handle else None
+            if record is None:
+                record = ImageRecord(new_handle("img_"), pixels, sha256)
+                self._store.put(record.handle, record)
+                self._by_sha[sha256] = record.handle
+                # Forget content keys whose handle has been evicted, so the index stays bounded too.
+                self._by_sha = {s: h for s, h in self._by_sha.items() if h in self._store}
+            return record
+
+    def get(self, handle: str) -> ImageRecord | None:
+        return self._store.get(handle)
+
+    def __len__(self) -> int:
+        return len(self._store)

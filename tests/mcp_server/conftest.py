@@ -1,0 +1,60 @@
+"""Server fixtures: one server on the embedded demo model for the whole session, shapes scenes on disk."""
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mcp_server.server import create_server
+from mcp_server.settings import Settings
+from nextchat.demo.world import Scene, render_scene
+from nextchat.loading import demo_checkpoint_dir
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def scenes() -> list[Scene]:
+    rng = np.random.default_rng([20_251_125, 4])
+    return [render_scene(rng, min_objects=2, max_objects=3) for _ in range(6)]
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory, scenes: list[Scene]) -> Path:
+    directory = tmp_path_factory.mktemp("images")
+    for i, scene in enumerate(scenes):
+        Image.fromarray(scene.image).save(directory / f"scene{i}.png")
+    return directory
+
+
+DEMO_MISSING = not (demo_checkpoint_dir() / "config.json").is_file()
+
+
+@pytest.fixture(scope="session")
+def demo_server(image_dir: Path):
+    """The server on the embedded demo model: for tests of real behaviour (boxes that match the rendered objects)."""
+    if DEMO_MISSING:
+        pytest.skip(f"the demo checkpoint is not installed at {demo_checkpoint_dir()} (python -m nextchat.demo.train)")
+    server = create_server(Settings(model="demo", device="cpu", allow_dirs=(image_dir,)))
+    yield server
+    server.state.executor.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(image_dir: Path, tiny_checkpoint: Path):
+    """The server on a tiny random checkpoint: for the protocol's mechanics, whatever the model says."""
+    server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(image_dir,)))
+    yield server
+    server.state.executor.stop()
+
+
+def png_data_uri(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,73 @@
+"""The real thing: the server as a subprocess over stdio, driven by the SDK's stdio client and the Inspector CLI.
+
+The tiny random checkpoint keeps start-up fast; this is about the transport (nothing but protocol on stdout).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import anyio
+import numpy as np
+import pytest
+from conftest import png_data_uri
+from mcp import Client, StdioServerParameters
+
+
+pytestmark = pytest.mark.anyio
+
+
+def server_params(*args: str) -> StdioServerParameters:
+    env = {**os.environ, "NEXTCHAT_DEVICE": "cpu"}
+    return StdioServerParameters(command=sys.executable, args=["-m", "mcp_server", *args], env=env)
+
+
+async def test_stdio_server_lists_tools_and_answers_a_call(scenes, tiny_checkpoint) -> None:
+    scene = scenes[1]
+    with anyio.fail_after(120):
+        async with Client(
+            server_params("--model", str(tiny_checkpoint))
+        ) as client:  # any stray byte on stdout would break this session
+            tools = (await client.list_tools()).tools
+            assert {t.name for t in tools} >= {"locate_objects", "segment_object", "describe_region", "visual_qa"}
+            assert all(t.output_schema for t in tools)
+            target = scene.objects[0]
+            result = await client.call_tool(
+                "locate_objects", {"image": png_data_uri(scene.image), "query": f"the {target.name}"}
+            )
+            assert not result.is_error, result.content
+            assert result.structured_content["image"]["width"] == scene.width
+
+
+def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path, tiny_checkpoint) -> None:
+    """The MCP Inspector CLI (needs Node >= 22.19, fetched as the npm package node@22)."""
+    npx = shutil.which("npx")
+    if npx is None:
+        pytest.skip("npx is not installed")
+    base = [npx, "--yes", "-p", "node@22", "-p", "@modelcontextprotocol/inspector@latest", "mcp-inspector", "--cli",
+            sys.executable, "-m", "mcp_server", "--model", str(tiny_checkpoint), "--device", "cpu",
+            "--allow-dir", str(tmp_path)]  # fmt: skip
+    from PIL import Image
+
+    Image.fromarray(scenes[2].image).save(tmp_path / "scene.png")
+    try:
+        listing = subprocess.run([*base, "--method", "tools/list"], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.skip("the Inspector could not be fetched in time (npm registry unreachable?)")
+    if listing.returncode != 0 and ("ENOTFOUND" in listing.stderr or "ETIMEDOUT" in listing.stderr):
+        pytest.skip("the npm registry is unreachable")
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    tools = {t["name"]: t for t in json.loads(listing.stdout)["tools"]}
+    assert all(
+        "outputSchema" in tools[name] for name in ("locate_objects", "segment_object", "describe_region", "visual_qa")
+    )
+    args = json.dumps({"image": str(tmp_path / "scene.png"), "query": f"the {scenes[2].objects[0].name}"})
+    called = subprocess.run(
+        [*base, "--method", "tools/call", "--tool-name", "locate_objects", "--tool-args-json", args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr[-2000:]
+    assert json.loads(called.stdout)["structuredContent"]["image"]["width"] == scenes[2].width
+    assert np.isfinite(json.loads(called.stdout)["structuredContent"]["provenance"]["elapsed_ms"])
