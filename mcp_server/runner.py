@@ -148,7 +148,9 @@ class NextChatRunner:
         objects = []
         for o in answer.objects:
             x1, y1, x2, y2 = (round(v, 1) for v in o.box)
-            objects.append(FoundObject(o.phrase, (x1, y1, x2, y2), ObjectState(o.at_hidden, torch.tensor(o.square_box))))
+            objects.append(
+                FoundObject(o.phrase, (x1, y1, x2, y2), ObjectState(o.at_hidden, torch.tensor(o.square_box)))
+            )
         return GenerationOutcome(answer.parsed.segments, tuple(objects), result.finish_reason)
 
     @torch.inference_mode()

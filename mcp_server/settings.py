@@ -100,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
         default=float(env("NEXTCHAT_TIMEOUT", "60")),
         help="seconds a request may take before it is dropped",
     )
+    p.add_argument(
+        "--ready-wait",
+        type=float,
+        default=float(env("NEXTCHAT_READY_WAIT", "20")),
+        help="seconds a call made while the model loads waits (with progress) before 'warming up, retry'",
+    )
     return p
 
 
@@ -120,4 +126,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         request_timeout_s=args.timeout,
+        ready_wait_s=args.ready_wait,
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import make_image
 
 from nextchat.pipeline import NextChatPipeline
 from nextchat.tiny import tiny_model, tiny_tokenizer, write_tiny_checkpoint
@@ -42,14 +43,6 @@ def tiny_parts(tmp_path_factory: pytest.TempPathFactory):
 def tiny_pipeline(tiny_parts) -> NextChatPipeline:
     model, tokenizer = tiny_parts
     return NextChatPipeline(model, tokenizer)
-
-
-def make_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A noisy RGB uint8 [H, W, 3] image with a red rectangle."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    image[height // 4 : height // 2, width // 4 : width // 2] = (220, 30, 30)
-    return image
 
 
 @pytest.fixture

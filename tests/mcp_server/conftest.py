@@ -1,7 +1,5 @@
 """Server fixtures: one server on the embedded demo model for the whole session, shapes scenes on disk."""
 
-import base64
-import io
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +50,3 @@ def tiny_server(image_dir: Path, tiny_checkpoint: Path):
     server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(image_dir,)))
     yield server
     server.state.executor.stop()
-
-
-def png_data_uri(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -11,9 +11,9 @@ import io
 import jsonschema
 import numpy as np
 import pytest
-from conftest import png_data_uri
 from mcp import Client, MCPError
 from PIL import Image
+from support import png_data_uri
 
 from mcp_server.rendering import decode_coco_rle
 

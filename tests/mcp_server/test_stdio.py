@@ -12,8 +12,8 @@ import sys
 import anyio
 import numpy as np
 import pytest
-from conftest import png_data_uri
 from mcp import Client, StdioServerParameters
+from support import png_data_uri
 
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +28,7 @@ async def test_stdio_server_lists_tools_and_answers_a_call(scenes, tiny_checkpoi
     scene = scenes[1]
     with anyio.fail_after(120):
         async with Client(
-            server_params("--model", str(tiny_checkpoint))
+            server_params("--model", str(tiny_checkpoint), "--ready-wait", "100")
         ) as client:  # any stray byte on stdout would break this session
             tools = (await client.list_tools()).tools
             assert {t.name for t in tools} >= {"locate_objects", "segment_object", "describe_region", "visual_qa"}
@@ -48,7 +48,7 @@ def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path, tiny_chec
         pytest.skip("npx is not installed")
     base = [npx, "--yes", "-p", "node@22", "-p", "@modelcontextprotocol/inspector@latest", "mcp-inspector", "--cli",
             sys.executable, "-m", "mcp_server", "--model", str(tiny_checkpoint), "--device", "cpu",
-            "--allow-dir", str(tmp_path)]  # fmt: skip
+            "--ready-wait", "120", "--allow-dir", str(tmp_path)]  # fmt: skip
     from PIL import Image
 
     Image.fromarray(scenes[2].image).save(tmp_path / "scene.png")
@@ -68,6 +68,6 @@ def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path, tiny_chec
         [*base, "--method", "tools/call", "--tool-name", "locate_objects", "--tool-args-json", args],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert called.returncode == 0, called.stderr[-2000:]
+    assert called.returncode == 0, called.stderr[-600:] + called.stdout[-1500:]
     assert json.loads(called.stdout)["structuredContent"]["image"]["width"] == scenes[2].width
     assert np.isfinite(json.loads(called.stdout)["structuredContent"]["provenance"]["elapsed_ms"])

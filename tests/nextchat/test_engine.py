@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from support import make_image
 
 from nextchat.engine import GenerationRequest, NextChatEngine
 from nextchat.processing import boxes_to_square

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
 from safetensors.torch import load_file, save_file
+from support import make_image
 
 from nextchat import CheckpointError, load_model, save_pretrained
 from nextchat.loading import resolve_device, resolve_dtype
