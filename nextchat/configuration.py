@@ -277,17 +277,20 @@ def clip_vit_large_336_vision() -> dict[str, Any]:
     }
 
 
-def build_nextchat_7b_336() -> NextChatConfig:
-    """The published ``AoZhang/nextchat-7b-336``: Vicuna-1.5-7B, CLIP ViT-L/14-336, SAM ViT-H."""
-    text = {
-        "vocab_size": 32005,  # LLaMA-2's 32000 + <im_patch> <im_start> <im_end> <at> <boxes>
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
+def llama_text(
+    vocab_size: int, hidden_size: int, intermediate_size: int, layers: int, heads: int, max_positions: int
+) -> dict[str, Any]:
+    """``LlamaConfig`` keyword arguments: the given sizes plus LLaMA-2's fixed choices (SiLU, RMSNorm 1e-5, RoPE
+    base 10000, untied head, ``<unk> <s> </s>`` = 0 1 2)."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
         "hidden_act": "silu",
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
@@ -295,6 +298,11 @@ def build_nextchat_7b_336() -> NextChatConfig:
         "eos_token_id": 2,
         "pad_token_id": 0,
     }
+
+
+def build_nextchat_7b_336() -> NextChatConfig:
+    """The published ``AoZhang/nextchat-7b-336``: Vicuna-1.5-7B, CLIP ViT-L/14-336, SAM ViT-H."""
+    text = llama_text(32005, 4096, 11008, 32, 32, 4096)  # LLaMA-2's 32000 + <im_patch> <im_start> <im_end> <at> <boxes>
     return NextChatConfig(text=text, vision=clip_vit_large_336_vision(), sam=SamConfig(), name="nextchat-7b-336")
 
 
@@ -304,22 +312,7 @@ def build_tiny(vocab_size: int = 128) -> NextChatConfig:
     Every part keeps the official structure; only widths shrink. CLIP keeps patch 14 so the tower is a real ViT with
     a CLS token, SAM keeps the prompt width 256 (``seg_prompt_mlp`` emits 4×256) at a 64 px input.
     """
-    text = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "hidden_act": "silu",
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
+    text = llama_text(vocab_size, 32, 64, 2, 4, 512)
     vision = {
         "model_type": "clip_vision_model",
         "hidden_size": 32,
@@ -360,22 +353,7 @@ def build_demo_shapes(vocab_size: int = 645) -> NextChatConfig:
     - SAM: a 2-block ViT encoder of width 64 at 128 px with 8 px patches (16 × 16 grid, 64 × 64 low-res masks),
       prompt width 64, so masks are fine enough for shapes that fill 10–50 px.
     """
-    text = {
-        "vocab_size": vocab_size,
-        "hidden_size": 192,
-        "intermediate_size": 512,
-        "hidden_act": "silu",
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
+    text = llama_text(vocab_size, 192, 512, 3, 4, 512)
     vision = {
         "model_type": "clip_vision_model",
         "hidden_size": 192,

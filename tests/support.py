@@ -3,7 +3,9 @@
 import base64
 import io
 
+import jsonschema
 import numpy as np
+from mcp import Client
 from PIL import Image
 
 
@@ -20,3 +22,19 @@ def png_data_uri(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def call(client: Client, tool: str, arguments: dict) -> dict:
+    """Call a tool that must succeed; its structured result, checked against the tool's published outputSchema."""
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, "".join(getattr(b, "text", "") for b in result.content)
+    schema = next(t for t in (await client.list_tools()).tools if t.name == tool).output_schema
+    jsonschema.validate(result.structured_content, schema)
+    return result.structured_content
+
+
+async def error_text(client: Client, tool: str, arguments: dict) -> str:
+    """Call a tool that must fail with a tool error; the error's text."""
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    return "".join(getattr(b, "text", "") for b in result.content)

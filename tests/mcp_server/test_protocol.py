@@ -8,12 +8,11 @@ tested with the demo model in test_tools.py.
 import base64
 import io
 
-import jsonschema
 import numpy as np
 import pytest
 from mcp import Client, MCPError
 from PIL import Image
-from support import png_data_uri
+from support import call, error_text, png_data_uri
 
 from mcp_server.rendering import decode_coco_rle
 
@@ -25,20 +24,6 @@ pytestmark = pytest.mark.anyio
 async def client(request: pytest.FixtureRequest, tiny_server):
     async with Client(tiny_server, mode=request.param) as connected:
         yield connected
-
-
-async def call(client: Client, tool: str, arguments: dict) -> dict:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, "".join(getattr(b, "text", "") for b in result.content)
-    schema = next(t for t in (await client.list_tools()).tools if t.name == tool).output_schema
-    jsonschema.validate(result.structured_content, schema)
-    return result.structured_content
-
-
-async def error_text(client: Client, tool: str, arguments: dict) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error
-    return "".join(getattr(b, "text", "") for b in result.content)
 
 
 async def read_png(client: Client, uri: str) -> np.ndarray:

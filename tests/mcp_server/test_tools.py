@@ -6,12 +6,11 @@ Boxes and masks are compared with what the renderer drew. (The protocol's mechan
 import base64
 import io
 
-import jsonschema
 import numpy as np
 import pytest
 from mcp import Client
 from PIL import Image
-from support import png_data_uri
+from support import call, png_data_uri
 
 from mcp_server.rendering import decode_coco_rle
 from nextchat.demo.evaluate import box_iou, names_object
@@ -24,21 +23,6 @@ pytestmark = pytest.mark.anyio
 async def client(request: pytest.FixtureRequest, demo_server):
     async with Client(demo_server, mode=request.param) as connected:
         yield connected
-
-
-async def call(client: Client, tool: str, arguments: dict) -> dict:
-    result = await client.call_tool(tool, arguments)
-    text = "".join(getattr(b, "text", "") for b in result.content)
-    assert not result.is_error, text
-    schema = next(t for t in (await client.list_tools()).tools if t.name == tool).output_schema
-    jsonschema.validate(result.structured_content, schema)
-    return result.structured_content
-
-
-async def error_text(client: Client, tool: str, arguments: dict) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error
-    return "".join(getattr(b, "text", "") for b in result.content)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
