@@ -110,8 +110,11 @@ def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict
     rows = (batch.target_patches[:, 0] >= 0).nonzero().flatten()
     if rows.numel():
         image = hidden[batch.input_ids == ids.im_patch].view(hidden.shape[0], -1, hidden.shape[-1])[rows]
-        target = (batch.target_patches[rows] >= 0.2).float()
-        losses["aux_target"] = 0.5 * F.binary_cross_entropy_with_logits(aux.target_patch(image)[..., 0], target)
+        # Which patch holds the asked-for object, as one choice among all patches: a per-patch sigmoid is satisfied by
+        # telling objects from background, this can only be satisfied by telling the target from the other objects.
+        coverage = batch.target_patches[rows]
+        target = coverage / coverage.sum(1, keepdim=True).clamp(min=1e-6)
+        losses["aux_target"] = 0.5 * F.cross_entropy(aux.target_patch(image)[..., 0], target)
     return losses
 
 
