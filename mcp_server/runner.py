@@ -19,7 +19,7 @@ from mcp_server.messages import FoundObject, GenerationOutcome, Job, MaskOutcome
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
 from nextchat.loading import load_model
 from nextchat.pipeline import NextChatPipeline, answer_from_result
-from nextchat.processing import boxes_to_square
+from nextchat.processing import ImageGeometry, boxes_to_square
 from nextchat.prompting import LOCATE_ANSWER_PREFIX, locate_question, region_question, vqa_question
 
 
@@ -144,7 +144,9 @@ class NextChatRunner:
     # ------------------------------------------------------------------------------------------------------------
     def _outcome(self, job: Job, result: GenerationResult) -> GenerationOutcome:
         fallback = job.text if job.kind == "locate" else ""
-        answer = answer_from_result(self.pipeline.tokenizer, result, self._encoded(job).geometry, fallback)
+        # The geometry comes from the job: a cache lookup here could re-encode an evicted image just to read its size.
+        geometry = ImageGeometry(job.image.width, job.image.height)
+        answer = answer_from_result(self.pipeline.tokenizer, result, geometry, fallback)
         objects = []
         for o in answer.objects:
             x1, y1, x2, y2 = (round(v, 1) for v in o.box)
