@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -127,11 +128,27 @@ class SamHead(nn.Module):
         return low_res.float(), iou.float().reshape(-1)
 
 
+def grid_position_table(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2D sinusoids ``[grid*grid, width]`` (row-major): rows in the first half of the channels, columns in the
+    second, each as sin/cos pairs over geometric frequencies; one period spans the grid at the lowest frequency."""
+    quarter = width // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table = torch.zeros(grid * grid, width)
+    for k, coord in enumerate((rows.flatten(), cols.flatten())):
+        angles = (coord[:, None].float() + 0.5) / grid * 2 * math.pi * freqs[None]
+        table[:, 2 * k * quarter : (2 * k + 1) * quarter] = angles.sin()
+        table[:, (2 * k + 1) * quarter : (2 * k + 2) * quarter] = angles.cos()
+    return table
+
+
 class VisionTower(nn.Module):
     """A transformers vision backbone (``vision_model``) that yields one feature per image token.
 
-    ViT towers (CLIP) give ``hidden_states[select_layer]`` without CLS; grid backbones give their feature map
-    flattened row-major.
+    ViT towers (CLIP) give ``hidden_states[select_layer]`` without CLS; their learned position embeddings already
+    say where each token is. Grid backbones (convolutional) give their last feature map flattened row-major, plus a
+    fixed 2D sinusoid table (as DETR adds to ResNet features): a convolution's output does not know its own place,
+    and the box decoder needs it. The table is a non-persistent buffer, so checkpoints hold only the backbone.
     """
 
     def __init__(self, config: NextChatConfig) -> None:
@@ -144,15 +161,18 @@ class VisionTower(nn.Module):
         self.vision_model = getattr(backbone, "vision_model", backbone)
         self.select_layer = config.mm_vision_select_layer
         self.is_vit = config.is_vit_tower
+        if not self.is_vit:
+            table = grid_position_table(config.image_grid, config.mm_hidden_size)
+            self.register_buffer("grid_positions", table, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, s, s]`` → ``[B, N, mm_hidden]`` image-token features."""
+        """``[B, 3, s, s]`` → ``[B, N, mm_hidden]`` image-token features (N = ``image_grid ** 2``, row-major)."""
         dtype = next(self.vision_model.parameters()).dtype
-        out = self.vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         if self.is_vit:
+            out = self.vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
             return out.hidden_states[self.select_layer][:, 1:]
-        grid = out.last_hidden_state  # [B, C, h, w]
-        return grid.flatten(2).transpose(1, 2)
+        grid = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # [B, C, h, w]
+        return grid.flatten(2).transpose(1, 2) + self.grid_positions.to(grid.dtype)
 
 
 class NextChatLlamaModel(LlamaModel):

@@ -23,14 +23,14 @@ from nextchat.tokenization import NextChatTokenizer
 
 # How often each task is asked. Locating is the skill everything else leans on, so it gets the most practice.
 TASK_WEIGHTS = {
-    "locate": 0.62,
-    "locate_all": 0.06,
-    "describe": 0.10,
-    "count": 0.04,
-    "colour": 0.04,
-    "shape": 0.04,
-    "exists": 0.04,
-    "grounded": 0.06,
+    "locate": 0.68,
+    "locate_all": 0.05,
+    "describe": 0.08,
+    "count": 0.035,
+    "colour": 0.035,
+    "shape": 0.035,
+    "exists": 0.035,
+    "grounded": 0.05,
 }
 NUM_PATCH_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # background + every (colour, shape)
 PATCH_COVERAGE = 0.2  # a patch belongs to an object when the object covers this share of it
@@ -127,7 +127,7 @@ class BatchBuilder:
         self.config = config
         self.samples_per_scene = samples_per_scene
         self.image_size = config.image_size
-        self.patch_size = int(config.vision["patch_size"])
+        self.patch_size = config.image_size // config.image_grid
         self.at = tokenizer.token_id("<at>")
         self.boxes_id = tokenizer.token_id("<boxes>")
         self.tasks = list(TASK_WEIGHTS)

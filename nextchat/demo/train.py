@@ -68,24 +68,38 @@ class AuxHeads(nn.Module):
         super().__init__()
         self.patch_class = nn.Linear(vision_width, NUM_PATCH_CLASSES)
         self.target_patch = nn.Linear(hidden, 1)
+        self.target_patch_early = nn.Linear(hidden, 1)
 
 
 def forward_by_length(model: NextChatModel, embeds: torch.Tensor, mask: torch.Tensor, chunks: int = 2):
     """The LLM over right-padded rows, in chunks of similar length so short rows do not pay for the longest.
 
-    Returns hidden states ``[B, T, hidden]`` and logits ``[B, T, vocab]``, zero past each chunk's own length.
+    Returns final hidden states ``[B, T, hidden]``, the first layer's output ``[B, T, hidden]`` and logits
+    ``[B, T, vocab]``, all zero past each chunk's own length.
     """
     lengths = mask.sum(1)
     order = lengths.argsort()
     hidden = embeds.new_zeros(embeds.shape)
+    early = embeds.new_zeros(embeds.shape)
     logits = embeds.new_zeros((*embeds.shape[:2], model.config.vocab_size))
-    for rows in order.chunk(chunks):
-        length = int(lengths[rows].max())
-        positions = torch.arange(length)[None].expand(len(rows), -1)
-        h, lg, _ = model.forward_llm(embeds[rows, :length], mask[rows, :length], positions, use_cache=False)
-        hidden = hidden.index_put((rows,), F.pad(h, (0, 0, 0, embeds.shape[1] - length)))
-        logits = logits.index_put((rows,), F.pad(lg, (0, 0, 0, embeds.shape[1] - length)))
-    return hidden, logits
+    captured: list[torch.Tensor] = []
+
+    def keep_first_layer(_module, _inputs, output) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    hook = model.model.layers[0].register_forward_hook(keep_first_layer)
+    try:
+        for rows in order.chunk(chunks):
+            length = int(lengths[rows].max())
+            positions = torch.arange(length)[None].expand(len(rows), -1)
+            h, lg, _ = model.forward_llm(embeds[rows, :length], mask[rows, :length], positions, use_cache=False)
+            pad = (0, 0, 0, embeds.shape[1] - length)
+            hidden = hidden.index_put((rows,), F.pad(h, pad))
+            early = early.index_put((rows,), F.pad(captured.pop(), pad))
+            logits = logits.index_put((rows,), F.pad(lg, (0, 0, 0, embeds.shape[1] - length)))
+    finally:
+        hook.remove()
+    return hidden, early, logits
 
 
 def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict[str, torch.Tensor]:
@@ -93,7 +107,7 @@ def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict
     tower = model.model.vision_tower(batch.pixel_values)  # [S, N, mm_hidden]
     features = model.model.mm_projector(tower)
     embeds = model.embed_prompt(batch.input_ids, [features[s] for s in batch.scene_index], batch.boxes, ids)
-    hidden, logits = forward_by_length(model, embeds, batch.attention_mask)
+    hidden, early, logits = forward_by_length(model, embeds, batch.attention_mask)
     losses = {"lm": F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100)}
     if batch.at_rows.numel():
         h_at = hidden[batch.at_rows, batch.at_positions]
@@ -106,15 +120,20 @@ def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict
     given = torch.cat(batch.boxes)
     if given.numel():
         losses["cycle_box"] = F.l1_loss(model.loc_decoder(model.loc_encoder(given)), given)
-    losses["aux_patch"] = 0.5 * F.cross_entropy(aux.patch_class(tower).flatten(0, 1), batch.patch_classes.flatten())
+    losses["aux_patch"] = F.cross_entropy(aux.patch_class(tower).flatten(0, 1), batch.patch_classes.flatten())
     rows = (batch.target_patches[:, 0] >= 0).nonzero().flatten()
     if rows.numel():
-        image = hidden[batch.input_ids == ids.im_patch].view(hidden.shape[0], -1, hidden.shape[-1])[rows]
+        image_rows = batch.input_ids == ids.im_patch
+        image = hidden[image_rows].view(hidden.shape[0], -1, hidden.shape[-1])[rows]
+        image_early = early[image_rows].view(hidden.shape[0], -1, hidden.shape[-1])[rows]
         # Which patch holds the asked-for object, as one choice among all patches: a per-patch sigmoid is satisfied by
         # telling objects from background, this can only be satisfied by telling the target from the other objects.
         coverage = batch.target_patches[rows]
         target = coverage / coverage.sum(1, keepdim=True).clamp(min=1e-6)
         losses["aux_target"] = 0.5 * F.cross_entropy(aux.target_patch(image)[..., 0], target)
+        # The same choice after the first layer, where the image positions must read the question's words: the
+        # gradient reaches the attention that binds them without passing through the layers above.
+        losses["aux_target_early"] = 0.5 * F.cross_entropy(aux.target_patch_early(image_early)[..., 0], target)
     return losses
 
 
@@ -232,9 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, loss log)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000, help="stage 1/2 steps")
+    parser.add_argument("--steps", type=int, default=6000, help="stage 1/2 steps")
     parser.add_argument("--mask-steps", type=int, default=300, help="stage 3 steps")
-    parser.add_argument("--scenes", type=int, default=12, help="scenes per step (4 conversations each)")
+    parser.add_argument("--scenes", type=int, default=16, help="scenes per step (3 conversations each)")
     parser.add_argument("--mask-scenes", type=int, default=12, help="scenes per stage 3 step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mask-lr", type=float, default=1e-3)
@@ -251,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     config = build_demo_shapes(vocab_size=tokenizer.vocab_size)
     torch.manual_seed(args.seed)
     model = build_model(config).train()
-    init_grid_positions(model)
+    if config.is_vit_tower:
+        init_grid_positions(model)
     aux = AuxHeads(config.mm_hidden_size, config.hidden_size)
     from nextchat.engine import NextChatEngine
 
@@ -277,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(state, args.out / "state.tmp")
         (args.out / "state.tmp").replace(state_path)
 
-    builder = BatchBuilder(tokenizer, config)
+    builder = BatchBuilder(tokenizer, config, samples_per_scene=3)
     total = args.steps + args.mask_steps
     log = (args.out / "loss.jsonl").open("a")
     bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)

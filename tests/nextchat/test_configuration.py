@@ -117,3 +117,18 @@ def test_unknown_preset_and_foreign_config_are_rejected() -> None:
         preset("huge")
     with pytest.raises(ValueError, match="model_type 'llava'"):
         NextChatConfig.from_checkpoint_dict({"model_type": "llava"})
+
+
+def test_a_grid_tower_gives_one_placed_token_per_feature_cell_and_saves_only_the_backbone() -> None:
+    config = preset("demo-shapes")
+    assert not config.is_vit_tower and config.image_grid == 8 and config.image_token_len == 64
+    torch.manual_seed(0)
+    tower = build_model(config).model.vision_tower
+    features = tower(torch.zeros(2, 3, config.image_size, config.image_size))
+    assert features.shape == (2, 64, config.mm_hidden_size)
+    # A blank image gives the same backbone output everywhere but the borders; the position table makes every
+    # token distinct, so the box decoder can tell where each one is.
+    assert torch.unique(features[0].round(decimals=4), dim=0).shape[0] == 64
+    assert not any("grid_positions" in key for key in tower.state_dict())
+    round_trip = NextChatConfig.from_checkpoint_dict(config.to_checkpoint_dict(), name="demo-shapes")
+    assert round_trip.vision == config.vision and round_trip.image_token_len == 64
