@@ -1,5 +1,6 @@
 # make test  — create .venv, install the project and its dev tools, run the test suite
 # make demo  — create .venv, install, run the demo
+# make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
 # torchvision from local files (segment-anything needs torchvision). Override TORCH_SPEC elsewhere.
 
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint install clean
+.PHONY: test demo lint install clean bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nextchat.tiny .cache/tiny-random-checkpoint
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench --preset auto --device cpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nextchat tests

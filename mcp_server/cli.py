@@ -1,25 +1,50 @@
 """``nextchat-mcp``: serve over stdio (default) or streamable HTTP; ``nextchat-mcp call TOOL JSON`` runs one tool.
 
 Nothing but protocol goes to stdout when serving; logs go to stderr.
+
+Process lifetime: end of stdin (stdio) stops the server, exit status 0. SIGTERM or SIGINT drains it: new calls get a
+"shutting down" error, admitted ones finish (up to ``--drain-timeout``; the rest fail explicitly), then it exits
+with 0; a second signal stops waiting. A device failure fails the work in flight and exits with
+:data:`EXIT_DEVICE_FAILURE` within :data:`FATAL_EXIT_S`, so a supervisor restarts the process on a clean device.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from mcp_server.settings import Settings, parser, settings_from_args
 
 
+if TYPE_CHECKING:
+    from mcp.server import MCPServer
+    from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+
+    from mcp_server.executor import Executor
+
+
 log = logging.getLogger("nextchat_mcp")
+
+EXIT_DEVICE_FAILURE = 70  # sysexits' EX_SOFTWARE: the device failed; restarting the process is the remedy
+FATAL_EXIT_S = 5.0  # after a device failure the process is gone within this, even if a thread hangs on the device
+ANSWER_GRACE_S = 5.0  # after the executor drained, how long the finished calls get to write their answers
+# The SDK writes a call's answer after its handler returns, and end of input cancels whatever is still unwritten; a
+# short quiet pause before it lets the last answers (and the "shutting down" errors of calls that came in meanwhile)
+# reach the client.
+ANSWER_FLUSH_S = 0.2
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -60,22 +85,197 @@ def bearer_guard(app: ASGIApp, token: str) -> ASGIApp:
     return guarded
 
 
-def serve(settings: Settings) -> None:
-    """Run the server until stdin closes (stdio) or the process is stopped (HTTP)."""
+def serve(settings: Settings) -> int:
+    """Run the server until stdin closes (stdio), or until SIGTERM / SIGINT or a device failure; the exit status."""
     from mcp_server.server import create_server
 
     server = create_server(settings)
+    executor: Executor = server.state.executor  # type: ignore[attr-defined]
     if settings.transport == "stdio":
-        server.run("stdio")
-        return
+        return anyio.run(serve_stdio, server, executor, settings)
     if not is_loopback(settings.host) and not settings.token:
         raise SystemExit("refusing to serve HTTP on a non-loopback address without --token (or NEXTCHAT_TOKEN)")
+    return serve_http(server, executor, settings)
+
+
+def exit_soon(status: int, after_s: float = FATAL_EXIT_S) -> None:
+    """End the process with ``status`` after ``after_s`` unless it has ended by then (a thread stuck in a device
+    call, or a client that never reads, must not keep a broken server alive)."""
+
+    def end() -> None:
+        sys.stderr.flush()
+        os._exit(status)
+
+    timer = threading.Timer(after_s, end)
+    timer.daemon = True
+    timer.start()
+
+
+class ToolCallTracker:
+    """Server middleware that counts tool calls in progress, so a shutdown can wait until their answers are out.
+
+    Create it inside the event loop.
+    """
+
+    def __init__(self) -> None:
+        self.in_progress = 0
+        self._changed = anyio.Event()
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if ctx.method != "tools/call":
+            return await call_next(ctx)
+        self.in_progress += 1
+        try:
+            return await call_next(ctx)
+        finally:
+            self.in_progress -= 1
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until no tool call is in progress, nor starts within :data:`ANSWER_FLUSH_S`;
+        True when none is."""
+        with anyio.move_on_after(timeout_s):
+            while True:
+                while self.in_progress:
+                    await self._changed.wait()
+                await anyio.sleep(ANSWER_FLUSH_S)
+                if not self.in_progress:
+                    break
+        return self.in_progress == 0
+
+
+class StdinRelay:
+    """The stdio transport's input, read from a pipe that a daemon thread fills from the real stdin.
+
+    The SDK reads stdin in a worker thread that nothing can interrupt, so while a client keeps stdin open the server
+    could never stop on its own (SIGTERM, device failure). Through this pipe, :meth:`close` gives the server end of
+    input, exactly as a client closing stdin does; the thread still blocked on the real stdin is a daemon and does
+    not hold the process.
+    """
+
+    def __init__(self) -> None:
+        read_fd, self._write_fd = os.pipe()
+        self.reader = io.TextIOWrapper(os.fdopen(read_fd, "rb"), encoding="utf-8", errors="replace")
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._copy, name="stdin-relay", daemon=True).start()
+
+    def _copy(self) -> None:
+        try:
+            while chunk := os.read(0, 1 << 16):
+                with self._lock:
+                    if self._closed:
+                        return
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(self._write_fd, view) :]
+        except OSError:
+            log.exception("reading stdin failed")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the input the server sees (idempotent)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._write_fd)
+
+
+async def serve_stdio(server: MCPServer, executor: Executor, settings: Settings) -> int:
+    """Serve over stdio until end of input, a drain after SIGTERM / SIGINT, or a device failure; the exit status."""
+    tracker = ToolCallTracker()
+    server.middleware.append(tracker)
+    relay = StdinRelay()
+    failed = anyio.Event()
+    loop = asyncio.get_running_loop()
+    status = 0
+
+    def on_fatal(_message: str) -> None:  # called in the executor's worker thread
+        loop.call_soon_threadsafe(failed.set)
+
+    executor.on_fatal = on_fatal
+
+    async def drain() -> None:
+        executor.begin_shutdown()
+        if not await executor.drain(settings.drain_timeout_s):
+            log.warning("requests still running after %.0f s of draining are failed", settings.drain_timeout_s)
+            await anyio.to_thread.run_sync(executor.stop, 1.0)
+        await tracker.wait_idle(ANSWER_GRACE_S)
+        relay.close()
+
+    async def on_signals(task_group: anyio.abc.TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if executor.draining:
+                    log.warning("%s again: exiting without waiting", signal.Signals(signum).name)
+                    relay.close()
+                    continue
+                log.info("%s: finishing admitted requests, refusing new ones", signal.Signals(signum).name)
+                task_group.start_soon(drain)
+
+    async def on_device_failure() -> None:
+        nonlocal status
+        await failed.wait()
+        status = EXIT_DEVICE_FAILURE
+        exit_soon(status)
+        await tracker.wait_idle(1.0)  # the failed calls say why before the process goes
+        relay.close()
+
+    previous_stdin, sys.stdin = sys.stdin, relay.reader
+    relay.start()
+    try:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(on_signals, task_group)
+            task_group.start_soon(on_device_failure)
+            await server.run_stdio_async()
+            task_group.cancel_scope.cancel()
+    finally:
+        sys.stdin = previous_stdin
+        relay.close()
+    await anyio.to_thread.run_sync(executor.stop, 5.0)
+    return status
+
+
+def serve_http(server: MCPServer, executor: Executor, settings: Settings) -> int:
+    """Serve streamable HTTP until SIGTERM / SIGINT (drained by uvicorn) or a device failure; the exit status."""
     import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Calls on open connections get "shutting down"; uvicorn waits for the running ones. Unlike uvicorn's
+            # own handler this one does not re-raise the signal after the shutdown: a drained server exits with 0.
+            executor.begin_shutdown()
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
 
     app: ASGIApp = server.streamable_http_app()  # type: ignore[assignment]
     if settings.token:
         app = bearer_guard(app, settings.token)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+    )
+    http = DrainingServer(config)
+    status = 0
+
+    def on_fatal(_message: str) -> None:
+        nonlocal status
+        status = EXIT_DEVICE_FAILURE
+        exit_soon(status)
+        http.should_exit = True
+
+    executor.on_fatal = on_fatal
+    http.run()
+    executor.stop(timeout_s=5.0)
+    return status
 
 
 async def call_tool(
@@ -123,4 +323,4 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     if argv and argv[0] == "call":
         raise SystemExit(call_main(argv[1:]))
-    serve(settings_from_args(parser().parse_args(argv)))
+    raise SystemExit(serve(settings_from_args(parser().parse_args(argv))))

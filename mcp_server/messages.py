@@ -2,6 +2,7 @@
 
 The runner turns a :class:`Job` into an outcome. What the model keeps per located object (its ``<at>`` state) travels
 back as an opaque ``state`` the MCP layer stores and hands back, so a later mask needs no new language-model pass.
+The two device errors a runner step may raise are here too, so the executor can tell them apart without torch.
 """
 
 from __future__ import annotations
@@ -99,3 +100,16 @@ class MaskOutcome:
 
 
 Outcome = GenerationOutcome | MaskOutcome
+
+
+class StepOutOfMemory(RuntimeError):
+    """A runner step ran out of device memory.
+
+    The runner has already dropped every job it held and reset its device state: none of them has an outcome, and
+    each may be submitted again from scratch (fewer at a time).
+    """
+
+
+class DeviceFailure(RuntimeError):
+    """The device failed in a way the process cannot recover from (the CUDA context is unusable): every job the
+    runner held is lost, and only a new process can use the device again."""

@@ -3,6 +3,11 @@
 Imported only inside the worker thread (by the default runner factory), so the protocol layer, ``--help`` and schema
 generation never load torch. Vision features and SAM embeddings are cached by image content in byte-bounded LRUs, so
 ``locate → segment → describe`` on one image encodes it once, and SAM's encoder runs only when a mask is asked for.
+Images that jobs starting in the same step need are encoded together, a chunk at a time (one tower or encoder pass).
+
+Device errors are sorted here, so the executor needs no torch: a step that runs out of memory resets the engine
+and raises :class:`~mcp_server.messages.StepOutOfMemory` (the executor starts the jobs again in smaller batches); an
+error that leaves the CUDA context unusable raises :class:`~mcp_server.messages.DeviceFailure`.
 """
 
 from __future__ import annotations
@@ -15,17 +20,58 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from mcp_server.messages import FoundObject, GenerationOutcome, Job, MaskOutcome, Outcome
+from mcp_server.messages import (
+    DeviceFailure,
+    FoundObject,
+    GenerationOutcome,
+    Job,
+    MaskOutcome,
+    Outcome,
+    StepOutOfMemory,
+)
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
 from nextchat.loading import load_model
+from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import NextChatPipeline, answer_from_result
 from nextchat.processing import ImageGeometry, boxes_to_square
 from nextchat.prompting import LOCATE_ANSWER_PREFIX, locate_question, region_question, vqa_question
+from nextchat.tokenization import NextChatTokenizer
 
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
 V = TypeVar("V")
+
+ENCODE_CHUNK = 16  # images per vision-tower or SAM-encoder pass: bounds the activation memory of one pass
+# Messages of CUDA errors after which the context is unusable (sticky errors): only a new process recovers.
+FATAL_DEVICE_ERRORS = (
+    "CUDA error",
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "uncorrectable ECC error",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUBLAS_STATUS_INTERNAL_ERROR",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+    "NCCL error",
+)
+CANCELLED = GenerationOutcome(("",), (), "cancelled")  # what a job stopped before it reached the engine reports
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure the process survives (``torch.OutOfMemoryError``, or cuBLAS/cuDNN's own wording)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """A device error that leaves the CUDA context unusable (``torch.AcceleratorError`` or a sticky CUDA error)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in FATAL_DEVICE_ERRORS)
 
 
 class TensorLRU(Generic[V]):
@@ -69,48 +115,72 @@ def _locate_question(query: str) -> str:
     return f"Where are {query} in the image?" if query.lower().startswith("all ") else locate_question(query)
 
 
+@dataclass
+class _Starting:
+    """A generation job accepted and not yet on the engine (its image features are filled in when it starts)."""
+
+    job: Job
+    request: GenerationRequest
+
+
 class NextChatRunner:
     """Runs :class:`~mcp_server.messages.Job` s on a loaded NExT-Chat model.
 
     Args:
-        model: checkpoint directory, hub id or ``demo``.
-        device, dtype: as :func:`nextchat.load_model`.
+        net, tokenizer: the model (eval mode, on its device) and its tokenizer.
         cache_bytes: budget of each of the two image caches (vision features, SAM embeddings).
+        fixed_new_tokens: for benchmarks: every free generation makes exactly this many tokens (EOS is banned), one
+            more only when the last is ``<at>`` (its ``<boxes>`` completes the object).
     """
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", cache_bytes: int = 512 << 20) -> None:
-        net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+    def __init__(
+        self,
+        net: NextChatModel,
+        tokenizer: NextChatTokenizer,
+        *,
+        cache_bytes: int = 512 << 20,
+        fixed_new_tokens: int | None = None,
+    ) -> None:
+        if fixed_new_tokens is not None and fixed_new_tokens < 1:
+            raise ValueError("fixed_new_tokens must be at least 1")
         self.pipeline = NextChatPipeline(net, tokenizer)
         self.engine = self.pipeline.engine
         self.device = str(net.device)
         self.dtype = str(net.dtype).removeprefix("torch.")
         self.model_name = net.config.name
+        self.fixed_new_tokens = fixed_new_tokens
         self.features: TensorLRU[EncodedImage] = TensorLRU(cache_bytes)
         self.sam_images: TensorLRU[SamImage] = TensorLRU(cache_bytes)
-        self._jobs: dict[int, Job] = {}
-        self._done: list[tuple[int, Outcome | BaseException]] = []
+        self._starting: list[_Starting] = []
+        self._masks: list[Job] = []
+        self._jobs: dict[int, Job] = {}  # on the engine
+        self._stopped: list[int] = []  # cancelled before they reached the engine
+        self.out_of_memory_steps = 0
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        cache_bytes: int = 512 << 20,
+        fixed_new_tokens: int | None = None,
+    ) -> NextChatRunner:
+        """Load a checkpoint (directory, hub id or ``demo``; see :func:`nextchat.load_model`) and run it."""
+        net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _encoded(self, job: Job) -> EncodedImage:
-        cached = self.features.get(job.image.key)
-        if cached is None:
-            (cached,) = self.engine.encode_images([job.image.pixels])
-            self.features.put(job.image.key, cached, cached.features.numel() * cached.features.element_size())
-        return cached
-
-    def _sam(self, job: Job) -> SamImage:
-        cached = self.sam_images.get(job.image.key)
-        if cached is None:
-            (cached,) = self.engine.encode_sam_images([job.image.pixels])
-            self.sam_images.put(job.image.key, cached, cached.embeddings.numel() * cached.embeddings.element_size())
-        return cached
-
     def submit(self, job: Job) -> None:
-        """Queue a generation on the engine, or compute a mask now (reported at the next :meth:`step`)."""
+        """Check a job and tokenize its prompt; its device work (encoding, generation, masks) runs in :meth:`step`."""
         if job.kind == "segment":
-            self._done.append((job.id, self._segment(job)))
+            if not job.prompts:
+                raise ValueError("a mask needs a located object or a box")
+            if any(not isinstance(p.state, ObjectState) and p.box is None for p in job.prompts):
+                raise ValueError("a mask prompt needs a located object or a box")
+            self._masks.append(job)
             return
-        encoded = self._encoded(job)
         boxes = None
         if job.kind == "locate" and job.single:
             ids = self.pipeline.prompt_ids(locate_question(job.text), LOCATE_ANSWER_PREFIX)
@@ -120,26 +190,145 @@ class NextChatRunner:
             if job.box is None:
                 raise ValueError("describe needs a box")
             ids = self.pipeline.prompt_ids(region_question(job.text or None))
-            boxes = boxes_to_square(np.asarray([job.box], dtype=np.float64), encoded.geometry)
+            geometry = ImageGeometry(job.image.width, job.image.height)
+            boxes = boxes_to_square(np.asarray([job.box], dtype=np.float64), geometry)
         else:
             ids = self.pipeline.prompt_ids(vqa_question(job.text, job.ground))
-        budget = 1 if job.single else job.max_new_tokens
-        self.engine.submit(GenerationRequest(ids, image=encoded, boxes=boxes, max_new_tokens=budget, request_id=job.id))
-        self._jobs[job.id] = job
+        if job.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        budget, bias = job.max_new_tokens, {}
+        if job.single:
+            budget = 1  # teacher-forced location: the box comes from the prompt pass
+        elif self.fixed_new_tokens is not None:
+            budget, bias = self.fixed_new_tokens, {self.engine.ids.eos: float("-inf")}
+        request = GenerationRequest(ids, boxes=boxes, max_new_tokens=budget, logit_bias=bias, request_id=job.id)
+        self._starting.append(_Starting(job, request))
 
     def step(self) -> list[tuple[int, Outcome | BaseException]]:
-        finished, self._done = self._done, []
+        """Compute waiting masks, start waiting generations, advance the engine one token; return finished jobs.
+
+        Raises:
+            StepOutOfMemory: the device ran out of memory; every job was dropped (the runner is idle and usable).
+            DeviceFailure: the device is unusable; every job was dropped.
+            Exception: anything else; every job was dropped.
+        """
+        try:
+            return self._step()
+        except Exception as error:
+            self._reset()
+            first_line = (str(error).splitlines() or [type(error).__name__])[0][:300]
+            if is_out_of_memory(error):
+                self.out_of_memory_steps += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise StepOutOfMemory(first_line) from error
+            if is_device_failure(error):
+                raise DeviceFailure(first_line) from error
+            raise
+
+    def cancel(self, job_id: int) -> None:
+        """Stop a job; it is reported by the next :meth:`step` (cancelled generations leave the engine there)."""
+        waiting = len(self._starting) + len(self._masks)
+        self._starting = [s for s in self._starting if s.job.id != job_id]
+        self._masks = [job for job in self._masks if job.id != job_id]
+        if len(self._starting) + len(self._masks) < waiting:
+            self._stopped.append(job_id)
+        else:
+            self.engine.cancel(job_id)
+
+    def has_work(self) -> bool:
+        return bool(self._starting or self._masks or self._stopped) or self.engine.has_work()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _step(self) -> list[tuple[int, Outcome | BaseException]]:
+        finished: list[tuple[int, Outcome | BaseException]] = [(job_id, CANCELLED) for job_id in self._stopped]
+        self._stopped = []
+        if self._masks:
+            finished += self._run_masks(self._masks)
+            self._masks = []
+        if self._starting:
+            self._start(self._starting)
+            self._starting = []
         if self.engine.has_work():
             for result in self.engine.step():
                 job = self._jobs.pop(int(result.request_id))  # type: ignore[arg-type]
                 finished.append((job.id, self._outcome(job, result)))
         return finished
 
-    def cancel(self, job_id: int) -> None:
-        self.engine.cancel(job_id)
+    def _reset(self) -> None:
+        """Drop every job and the engine's batch state (after a failed step)."""
+        self.engine.reset()
+        self._jobs.clear()
+        self._starting, self._masks, self._stopped = [], [], []
 
-    def has_work(self) -> bool:
-        return bool(self._done) or self.engine.has_work()
+    def _start(self, starting: list[_Starting]) -> None:
+        """Fill in the jobs' image features (new images encoded together) and put the requests on the engine."""
+        images: dict[str, EncodedImage] = {}
+        missing: dict[str, np.ndarray] = {}
+        for item in starting:
+            key = item.job.image.key
+            if key not in images and key not in missing:
+                cached = self.features.get(key)
+                if cached is None:
+                    missing[key] = item.job.image.pixels
+                else:
+                    images[key] = cached
+        keys = list(missing)
+        for i in range(0, len(keys), ENCODE_CHUNK):
+            chunk = keys[i : i + ENCODE_CHUNK]
+            for key, encoded in zip(chunk, self.engine.encode_images([missing[k] for k in chunk]), strict=True):
+                images[key] = encoded
+                self.features.put(key, encoded, encoded.features.numel() * encoded.features.element_size())
+        for item in starting:
+            item.request.image = images[item.job.image.key]
+            self.engine.submit(item.request)
+            self._jobs[item.job.id] = item.job
+
+    def _sam_images(self, jobs: list[Job]) -> dict[str, SamImage]:
+        """The SAM embeddings of the jobs' images: cached ones, the others encoded together."""
+        images: dict[str, SamImage] = {}
+        missing: dict[str, np.ndarray] = {}
+        for job in jobs:
+            key = job.image.key
+            if key not in images and key not in missing:
+                cached = self.sam_images.get(key)
+                if cached is None:
+                    missing[key] = job.image.pixels
+                else:
+                    images[key] = cached
+        keys = list(missing)
+        for i in range(0, len(keys), ENCODE_CHUNK):
+            chunk = keys[i : i + ENCODE_CHUNK]
+            for key, sam_image in zip(chunk, self.engine.encode_sam_images([missing[k] for k in chunk]), strict=True):
+                images[key] = sam_image
+                nbytes = sam_image.embeddings.numel() * sam_image.embeddings.element_size()
+                self.sam_images.put(key, sam_image, nbytes)
+        return images
+
+    @torch.inference_mode()
+    def _run_masks(self, jobs: list[Job]) -> list[tuple[int, Outcome | BaseException]]:
+        images = self._sam_images(jobs)
+        return [(job.id, self._masks_for(job, images[job.image.key])) for job in jobs]
+
+    def _masks_for(self, job: Job, sam_image: SamImage) -> MaskOutcome:
+        states, boxes = [], []
+        for prompt in job.prompts:
+            if isinstance(prompt.state, ObjectState):
+                states.append(prompt.state.at_hidden)
+                boxes.append(prompt.state.square_box)
+            else:
+                assert prompt.box is not None  # checked in submit()
+                square = boxes_to_square(np.asarray([prompt.box], dtype=np.float64), sam_image.geometry)
+                states.append(self.engine.box_prompt_states(square)[0])
+                boxes.append(square[0])
+        logits, iou = self.engine.predict_masks(sam_image, torch.stack(states), torch.stack(boxes))
+        threshold = self.pipeline.model.config.mask_iou_threshold
+        scores = [float(s) for s in iou.tolist()]
+        empty = tuple(s < threshold for s in scores)
+        masks = tuple(
+            np.zeros(m.shape, dtype=bool) if e else (m > 0).cpu().numpy() for m, e in zip(logits, empty, strict=True)
+        )
+        return MaskOutcome(masks, tuple(scores), empty)
 
     # ------------------------------------------------------------------------------------------------------------
     def _outcome(self, job: Job, result: GenerationResult) -> GenerationOutcome:
@@ -154,26 +343,3 @@ class NextChatRunner:
                 FoundObject(o.phrase, (x1, y1, x2, y2), ObjectState(o.at_hidden, torch.tensor(o.square_box)))
             )
         return GenerationOutcome(answer.parsed.segments, tuple(objects), result.finish_reason)
-
-    @torch.inference_mode()
-    def _segment(self, job: Job) -> MaskOutcome:
-        sam_image = self._sam(job)
-        states, boxes = [], []
-        for prompt in job.prompts:
-            if isinstance(prompt.state, ObjectState):
-                states.append(prompt.state.at_hidden)
-                boxes.append(prompt.state.square_box)
-            elif prompt.box is not None:
-                square = boxes_to_square(np.asarray([prompt.box], dtype=np.float64), sam_image.geometry)
-                states.append(self.engine.box_prompt_states(square)[0])
-                boxes.append(square[0])
-            else:
-                raise ValueError("a mask prompt needs a located object or a box")
-        logits, iou = self.engine.predict_masks(sam_image, torch.stack(states), torch.stack(boxes))
-        threshold = self.pipeline.model.config.mask_iou_threshold
-        scores = [float(s) for s in iou.tolist()]
-        empty = tuple(s < threshold for s in scores)
-        masks = tuple(
-            np.zeros(m.shape, dtype=bool) if e else (m > 0).cpu().numpy() for m, e in zip(logits, empty, strict=True)
-        )
-        return MaskOutcome(masks, tuple(scores), empty)

@@ -85,7 +85,9 @@ def default_runner_factory(settings: Settings) -> Callable[[], Runner]:
     def build() -> Runner:
         from mcp_server.runner import NextChatRunner
 
-        return NextChatRunner(settings.model, device=settings.device, dtype=settings.dtype)
+        return NextChatRunner.load(
+            settings.model, settings.device, settings.dtype, fixed_new_tokens=settings.fixed_new_tokens
+        )
 
     return build
 

@@ -28,11 +28,20 @@ class Settings:
     request_timeout_s: float = 60.0
     ready_wait_s: float = 20.0
     handle_ttl_s: float = 3600.0
+    drain_timeout_s: float = 30.0
+    fixed_new_tokens: int | None = None
 
 
 def _env_bool(name: str) -> bool | None:
     value = os.environ.get(name)
     return None if value is None else value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,6 +115,21 @@ def parser() -> argparse.ArgumentParser:
         default=float(env("NEXTCHAT_READY_WAIT", "20")),
         help="seconds a call made while the model loads waits (with progress) before 'warming up, retry'",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(env("NEXTCHAT_DRAIN_TIMEOUT", "30")),
+        help="on SIGTERM, seconds admitted requests get to finish before the server exits",
+    )
+    fixed = env("NEXTCHAT_FIXED_NEW_TOKENS")
+    p.add_argument(
+        "--fixed-new-tokens",
+        type=_positive_int,
+        default=_positive_int(fixed) if fixed else None,
+        metavar="N",
+        help="benchmarking only: every generated answer is exactly N tokens (end-of-answer is suppressed), so runs "
+        "compare; answers are then cut or padded with whatever the model says next",
+    )
     return p
 
 
@@ -127,4 +151,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_wait_ms=args.max_wait_ms,
         request_timeout_s=args.timeout,
         ready_wait_s=args.ready_wait,
+        drain_timeout_s=args.drain_timeout,
+        fixed_new_tokens=args.fixed_new_tokens,
     )

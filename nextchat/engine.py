@@ -76,7 +76,8 @@ class LocatedObject:
     Attributes:
         token_index: index of its ``<at>`` in ``GenerationResult.token_ids`` (-1 when the ``<at>`` was the prompt's
             last token).
-        box: ``[4]`` square-frame xyxy as ``loc_decoder`` emits it (float32, unclamped).
+        box: ``[4]`` square-frame xyxy as ``loc_decoder`` emits it (float32, unclamped, on the CPU: every consumer
+            of a box is host code).
         at_hidden: ``[hidden]`` final-norm state at ``<at>``; a mask for this object needs no new LLM pass.
     """
 
@@ -251,6 +252,17 @@ class NextChatEngine:
         """Whether a :meth:`step` would do anything."""
         return bool(self._waiting or self._active)
 
+    def reset(self) -> list[Hashable]:
+        """Drop every queued and running request and the batch state; returns the dropped request ids.
+
+        After a step that raised (out of memory, say) the batch state may be half updated; a reset makes the engine
+        idle and consistent again, so the dropped requests can be submitted afresh.
+        """
+        dropped = [s.request.request_id for s in itertools.chain(self._waiting, self._active)]
+        self._waiting, self._active = [], []
+        self._cache, self._mask = None, None
+        return dropped
+
     @torch.inference_mode()
     def step(self) -> list[GenerationResult]:
         """Advance every running request one token, prefill the waiting ones, and return those that finished.
@@ -309,10 +321,10 @@ class NextChatEngine:
         )
         last = torch.full((len(slots),), length - 1, dtype=torch.long, device=device)
         hidden, logits, cache = self.model.forward_llm(embeds, mask, positions, None, logits_positions=last)
-        for row, slot in enumerate(slots):
+        for slot in slots:
             slot.next_position = len(slot.request.prompt_ids)
             slot.input_is_at = slot.request.prompt_ids[-1] == self.ids.at
-            self._consume(slot, hidden[row, -1], logits[row], None)
+        self._consume(slots, hidden[:, -1], logits, None)
         return _cache_layers(cache), mask
 
     def _decode(self) -> None:
@@ -326,41 +338,73 @@ class NextChatEngine:
         positions = torch.tensor([[s.next_position] for s in self._active], device=device)
         first = torch.zeros(rows, dtype=torch.long, device=device)
         hidden, logits, self._cache = self.model.forward_llm(embeds, self._mask, positions, self._cache, first)
-        for row, slot in enumerate(self._active):
+        for slot in self._active:
             slot.next_position += 1
-            self._consume(slot, hidden[row, -1], logits[row], embeds[row, 0])
+        self._consume(self._active, hidden[:, -1], logits, embeds[:, 0])
 
     def _consume(
-        self, slot: _Slot, hidden: torch.Tensor, logits: torch.Tensor, input_embed: torch.Tensor | None
+        self, slots: list[_Slot], hidden: torch.Tensor, logits: torch.Tensor, input_embeds: torch.Tensor | None
     ) -> None:
-        """Turn one forward step's output for a slot into its next token (or object) and its next input."""
-        request = slot.request
-        if request.trace:
-            slot.trace.append(StepTrace(input_embed, hidden.float().clone(), logits.clone()))
-        if slot.input_is_at:
-            # This step's input was <at>: its state locates the object; what it predicts is replaced by <boxes>.
-            box = self.model.decode_boxes(hidden[None])[0]
-            slot.objects.append(LocatedObject(len(slot.tokens) - 1, box.float(), hidden.clone()))
-            slot.tokens.append(self.ids.boxes)
-            slot.next_embed = self.model.box_feedback(hidden[None])[0]
-            slot.input_is_at = False
-            if len(slot.tokens) >= request.max_new_tokens:
+        """Turn one forward step's outputs into each slot's next token (or object) and next input.
+
+        Args:
+            slots: the rows of the step, in order.
+            hidden: ``[R, hidden]`` final-norm state of each row's last position.
+            logits: ``[R, vocab]`` their logits.
+            input_embeds: ``[R, hidden]`` the step's inputs (None for the prompt pass), for traces.
+
+        The whole batch is handled with a few batched ops and one device-to-host copy (the chosen tokens), not
+        per row: a decode step costs the same host work at batch 1 and batch 32.
+        """
+        for row, slot in enumerate(slots):
+            if slot.request.trace:
+                embed = input_embeds[row] if input_embeds is not None else None
+                slot.trace.append(StepTrace(embed, hidden[row].float().clone(), logits[row].clone()))
+        at_rows = [row for row, slot in enumerate(slots) if slot.input_is_at]
+        token_rows = [row for row, slot in enumerate(slots) if not slot.input_is_at]
+        if at_rows:
+            # These steps' input was <at>: the state locates the object; what they predict is replaced by <boxes>.
+            at_hidden = hidden[at_rows]
+            boxes = self.model.decode_boxes(at_hidden).float().cpu()
+            feedback = self.model.box_feedback(at_hidden)
+            for k, row in enumerate(at_rows):
+                slot = slots[row]
+                slot.objects.append(LocatedObject(len(slot.tokens) - 1, boxes[k], at_hidden[k].clone()))
+                slot.tokens.append(self.ids.boxes)
+                slot.next_embed = feedback[k]
+                slot.input_is_at = False
+                if len(slot.tokens) >= slot.request.max_new_tokens:
+                    slot.finish_reason = "length"
+        if not token_rows:
+            return
+        picked = logits[token_rows]
+        bias_rows, bias_ids, bias_values = [], [], []
+        for k, row in enumerate(token_rows):
+            for token_id, bias in slots[row].request.logit_bias.items():
+                bias_rows.append(k)
+                bias_ids.append(token_id)
+                bias_values.append(bias)
+        if bias_rows:
+            index = (torch.tensor(bias_rows, device=picked.device), torch.tensor(bias_ids, device=picked.device))
+            values = torch.tensor(bias_values, dtype=picked.dtype, device=picked.device)
+            picked = picked.index_put(index, values, accumulate=True)
+        tokens: list[int] = picked.argmax(-1).tolist()
+        growing = []
+        for row, token in zip(token_rows, tokens, strict=True):
+            slot = slots[row]
+            if token == self.ids.eos:
+                slot.finish_reason = "stop"
+                continue
+            slot.tokens.append(token)
+            slot.input_is_at = token == self.ids.at
+            growing.append(slot)
+            # An <at> at the end of the budget still gets its box: one more step reads its state.
+            if len(slot.tokens) >= slot.request.max_new_tokens and not slot.input_is_at:
                 slot.finish_reason = "length"
-            return
-        if request.logit_bias:
-            logits = logits.clone()
-            for token_id, bias in request.logit_bias.items():
-                logits[token_id] += bias
-        token = int(logits.argmax())
-        if token == self.ids.eos:
-            slot.finish_reason = "stop"
-            return
-        slot.tokens.append(token)
-        slot.input_is_at = token == self.ids.at
-        slot.next_embed = self.model.embed_tokens(torch.tensor([token], device=self.model.device))[0]
-        # An <at> at the end of the budget still gets its box: one more step reads its state.
-        if len(slot.tokens) >= request.max_new_tokens and not slot.input_is_at:
-            slot.finish_reason = "length"
+        if growing:
+            ids = torch.tensor([slot.tokens[-1] for slot in growing], device=self.model.device)
+            for slot, embed in zip(growing, self.model.embed_tokens(ids), strict=True):
+                slot.next_embed = embed
 
     def _join(self, slots: list[_Slot], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch, left-padding the shorter side in time."""

@@ -1,4 +1,5 @@
-"""The executor with a fake runner gated by events: batching, admission, cancellation, error fan-out, routing."""
+"""The executor with a fake runner gated by events: batching, admission, cancellation, deadlines, error fan-out,
+routing, out-of-memory splitting, device failure and draining."""
 
 import threading
 
@@ -6,8 +7,17 @@ import anyio
 import numpy as np
 import pytest
 
-from mcp_server.executor import Executor, JobCancelled, ModelNotReady, Overloaded
-from mcp_server.messages import GenerationOutcome, ImageRef, Job
+from mcp_server.executor import (
+    DeadlineExceeded,
+    DeviceFailed,
+    Executor,
+    JobCancelled,
+    ModelNotReady,
+    OutOfDeviceMemory,
+    Overloaded,
+    ShuttingDown,
+)
+from mcp_server.messages import DeviceFailure, GenerationOutcome, ImageRef, Job, StepOutOfMemory
 
 
 pytestmark = pytest.mark.anyio
@@ -20,14 +30,29 @@ def anyio_backend() -> str:
 
 
 class FakeRunner:
-    """Jobs finish after ``steps`` steps; each step waits for ``gate`` when one is set. Outcomes echo the job text."""
+    """Jobs finish after ``steps`` steps; each step waits for ``gate`` when one is set. Outcomes echo the job text.
 
-    def __init__(self, steps: int = 2, gate: threading.Event | None = None, fail_on: str | None = None) -> None:
+    Failures, as a real runner reports them (it drops every job it holds when a step raises): a step with
+    ``fail_on`` running raises a plain error; more than ``capacity`` jobs, or ``oom_on`` among them, run out of
+    memory; ``fatal_on`` is a device failure.
+    """
+
+    def __init__(
+        self,
+        steps: int = 2,
+        gate: threading.Event | None = None,
+        fail_on: str | None = None,
+        capacity: int | None = None,
+        oom_on: str | None = None,
+        fatal_on: str | None = None,
+    ) -> None:
         self.steps, self.gate, self.fail_on = steps, gate, fail_on
+        self.capacity, self.oom_on, self.fatal_on = capacity, oom_on, fatal_on
         self.running: dict[int, tuple[Job, int]] = {}
         self.batches: list[list[str]] = []
         self.ran: list[str] = []
         self.cancelled: list[int] = []
+        self.out_of_memory = 0
         self.step_started = threading.Event()
 
     def submit(self, job: Job) -> None:
@@ -46,9 +71,18 @@ class FakeRunner:
         self.step_started.set()
         if self.gate is not None:
             self.gate.wait(5)
-        self.batches.append(sorted(job.text for job, _ in self.running.values()))
-        if self.fail_on and any(job.text == self.fail_on for job, _ in self.running.values()):
-            raise RuntimeError("CUDA error: device-side assert")
+        texts = sorted(job.text for job, _ in self.running.values())
+        self.batches.append(texts)
+        too_big = self.capacity is not None and len(texts) > self.capacity
+        for failure, failed in (
+            (RuntimeError("step failed"), self.fail_on in texts),
+            (StepOutOfMemory("CUDA out of memory"), too_big or self.oom_on in texts),
+            (DeviceFailure("CUDA error: an illegal memory access was encountered"), self.fatal_on in texts),
+        ):
+            if failed:
+                self.running.clear()
+                self.out_of_memory += isinstance(failure, StepOutOfMemory)
+                raise failure
         finished = []
         for job_id, (job, done) in list(self.running.items()):
             if job_id in self.cancelled or done + 1 >= self.steps:
@@ -146,7 +180,8 @@ async def test_a_job_cancelled_while_queued_never_runs() -> None:
 
 
 async def test_a_running_job_cancelled_leaves_at_the_next_step() -> None:
-    runner = FakeRunner(steps=1000)
+    gate = threading.Event()
+    runner = FakeRunner(steps=1000, gate=gate)
     executor = await started(Executor(lambda: runner, max_active=2, max_wait_ms=0))
     job = Job("answer", IMAGE, text="long")
     with anyio.fail_after(10):
@@ -157,13 +192,14 @@ async def test_a_running_job_cancelled_leaves_at_the_next_step() -> None:
                     await executor.submit(job)
 
             tg.start_soon(call)
-            while not runner.running:
-                await anyio.sleep(0)
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)  # running, held inside its first step
             job.cancelled.set()
+            gate.set()
         while executor.running:
             await anyio.sleep(0)
     executor.stop()
     assert runner.cancelled == [job.id] and not runner.running
+    assert len(runner.batches) <= 3  # stopped within a step or two, not after its 1000
 
 
 async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_serving() -> None:
@@ -181,10 +217,9 @@ async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_servin
         async with anyio.create_task_group() as tg:
             for text in ("a", "poison", "b"):
                 tg.start_soon(call, text)
-        runner.running.clear()
         assert (await executor.submit(Job("answer", IMAGE, text="later"))).segments == ("later",)  # type: ignore[union-attr]
     executor.stop()
-    assert sorted(errors) == [f"{t}: CUDA error: device-side assert" for t in ("a", "b", "poison")]
+    assert sorted(errors) == [f"{t}: step failed" for t in ("a", "b", "poison")]
 
 
 async def test_a_job_the_runner_rejects_fails_alone() -> None:
@@ -206,3 +241,189 @@ async def test_a_model_that_fails_to_load_reports_why() -> None:
     assert executor.state == "failed" and "no such checkpoint" in (executor.error or "")
     with pytest.raises(ModelNotReady, match="failed to load"):
         await executor.submit(Job("answer", IMAGE, text="x"))
+
+
+async def test_a_queued_job_past_its_deadline_never_runs() -> None:
+    now = [0.0]
+    gate = threading.Event()
+    runner = FakeRunner(steps=1, gate=gate)
+    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0, clock=lambda: now[0]))
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.submit, Job("answer", IMAGE, text="first"))
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)
+            late = Job("answer", IMAGE, text="late", deadline=10.0)
+
+            async def call_late() -> None:
+                with pytest.raises(DeadlineExceeded, match="before it ran"):
+                    await executor.submit(late)
+
+            tg.start_soon(call_late)
+            while executor.queue_depth < 2:
+                await anyio.sleep(0)
+            now[0] = 11.0
+            gate.set()
+    executor.stop()
+    assert runner.ran == ["first"]
+
+
+async def test_a_running_job_past_its_deadline_stops_at_the_next_step_and_frees_its_slot() -> None:
+    now = [0.0]
+    gate = threading.Event()
+    runner = FakeRunner(steps=1000, gate=gate)
+    executor = await started(Executor(lambda: runner, max_active=2, max_wait_ms=0, clock=lambda: now[0]))
+    expiring = Job("answer", IMAGE, text="expiring", deadline=10.0)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                with pytest.raises(DeadlineExceeded, match="deadline while running"):
+                    await executor.submit(expiring)
+
+            tg.start_soon(call)
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)  # running, held inside its first step
+            now[0] = 11.0
+            gate.set()
+        assert runner.cancelled == [expiring.id] and not runner.running and executor.running == 0
+        runner.steps = 1  # the slot is free again: a new job runs and finishes
+        assert (await executor.submit(Job("answer", IMAGE, text="next"))).segments == ("next",)  # type: ignore[union-attr]
+    executor.stop()
+    assert len([b for b in runner.batches if "expiring" in b]) <= 2  # stopped at once, not after 1000 steps
+
+
+async def test_out_of_memory_splits_the_batch_and_every_request_still_gets_its_own_result() -> None:
+    gate = threading.Event()
+    runner = FakeRunner(steps=2, gate=gate, capacity=3)
+    executor = await started(Executor(lambda: runner, max_queue=256, max_active=8, max_wait_ms=0))
+    results: dict[str, object] = {}
+
+    async def call(text: str) -> None:
+        outcome = await executor.submit(Job("answer", IMAGE, text=text))
+        assert isinstance(outcome, GenerationOutcome)
+        results[text] = outcome.segments[0]
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "blocker")
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)  # the worker is busy: the next 8 queue up
+            for i in range(8):
+                tg.start_soon(call, f"q{i}")
+            while executor.queue_depth < 9:
+                await anyio.sleep(0)
+            gate.set()
+        assert runner.out_of_memory >= 1 and executor.state == "ready"
+        assert max(len(b) for b in runner.batches) == 8  # the batch that did not fit ran (and failed) whole
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(call, f"after{i}")
+    executor.stop()
+    expected = ["blocker", *(f"q{i}" for i in range(8)), *(f"after{i}" for i in range(100))]
+    assert results == {text: text for text in expected}
+    assert executor.peak_active <= 8
+
+
+async def test_a_job_that_does_not_fit_even_alone_fails_with_a_retry_hint_and_the_rest_succeed() -> None:
+    gate = threading.Event()
+    runner = FakeRunner(steps=1, gate=gate, oom_on="huge")
+    executor = await started(Executor(lambda: runner, max_active=4, max_wait_ms=0))
+    outcomes: dict[str, str] = {}
+    errors: list[OutOfDeviceMemory] = []
+
+    async def call(text: str) -> None:
+        try:
+            outcome = await executor.submit(Job("answer", IMAGE, text=text))
+            outcomes[text] = outcome.segments[0]  # type: ignore[union-attr]
+        except OutOfDeviceMemory as error:
+            errors.append(error)
+            outcomes[text] = str(error)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "blocker")
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)
+            for text in ("a", "huge", "b"):
+                tg.start_soon(call, text)
+            while executor.queue_depth < 4:
+                await anyio.sleep(0)
+            gate.set()
+        assert (await executor.submit(Job("answer", IMAGE, text="later"))).segments == ("later",)  # type: ignore[union-attr]
+    executor.stop()
+    assert outcomes["a"] == "a" and outcomes["b"] == "b" and outcomes["blocker"] == "blocker"
+    assert "ran out of memory" in outcomes["huge"] and "retry" in outcomes["huge"]
+    assert len(errors) == 1 and isinstance(errors[0], Overloaded) and errors[0].retry_after_s >= 1
+    assert runner.ran.count("huge") == executor.max_oom_retries + 1
+
+
+async def test_a_device_failure_fails_all_work_marks_the_executor_failed_and_calls_on_fatal() -> None:
+    gate = threading.Event()
+    fatal: list[str] = []
+    runner = FakeRunner(steps=1, gate=gate, fatal_on="boom")
+    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0, on_fatal=fatal.append))
+    errors: dict[str, BaseException] = {}
+
+    async def call(text: str) -> None:
+        try:
+            await executor.submit(Job("answer", IMAGE, text=text))
+        except DeviceFailed as error:
+            errors[text] = error
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "boom")
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)
+            tg.start_soon(call, "queued")
+            while executor.queue_depth < 2:
+                await anyio.sleep(0)
+            gate.set()
+        with pytest.raises(ModelNotReady, match="device failed"):
+            await executor.submit(Job("answer", IMAGE, text="after"))
+    executor.stop()
+    assert set(errors) == {"boom", "queued"} and all("illegal memory access" in str(e) for e in errors.values())
+    assert executor.state == "failed" and len(fatal) == 1 and "illegal memory access" in fatal[0]
+    assert runner.ran == ["boom"]
+
+
+async def test_draining_refuses_new_jobs_and_lets_admitted_ones_finish() -> None:
+    gate = threading.Event()
+    runner = FakeRunner(steps=1, gate=gate)
+    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0))
+    results: list[str] = []
+
+    async def call(text: str) -> None:
+        outcome = await executor.submit(Job("answer", IMAGE, text=text))
+        results.append(outcome.segments[0])  # type: ignore[union-attr]
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "running")
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)
+            tg.start_soon(call, "queued")
+            while executor.queue_depth < 2:
+                await anyio.sleep(0)
+            executor.begin_shutdown()
+            with pytest.raises(ShuttingDown, match="shutting down"):
+                await executor.submit(Job("answer", IMAGE, text="too late"))
+            assert not await executor.drain(0)  # still busy
+            gate.set()
+            assert await executor.drain(10)
+    executor.stop()
+    assert sorted(results) == ["queued", "running"] and "too late" not in runner.ran
+
+
+async def test_stopping_after_a_drain_that_timed_out_fails_what_is_left() -> None:
+    gate = threading.Event()
+    runner = FakeRunner(steps=1, gate=gate)
+    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0))
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                with pytest.raises(JobCancelled, match="shutting down"):
+                    await executor.submit(Job("answer", IMAGE, text="stuck"))
+
+            tg.start_soon(call)
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)
+            executor.begin_shutdown()
+            assert not await executor.drain(0)
+            executor.stop(timeout_s=0)  # the worker is still inside the step: its job is failed, not waited for
+            gate.set()

@@ -1,0 +1,1 @@
+"""Benchmarks of the MCP server against the naive path (``python -m benchmarks.bench``)."""

@@ -1,0 +1,219 @@
+"""The NExT-Chat runner on real weights: batched and cached results equal one-by-one uncached ones, an out-of-memory
+step is split and retried with correct results, device errors are sorted, and fixed-length generation."""
+
+import threading
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+import torch
+from support import make_image
+
+from mcp_server.executor import Executor
+from mcp_server.messages import (
+    DeviceFailure,
+    GenerationOutcome,
+    ImageRef,
+    Job,
+    MaskOutcome,
+    MaskPrompt,
+    Outcome,
+    StepOutOfMemory,
+)
+from mcp_server.runner import NextChatRunner, ObjectState
+from nextchat.loading import demo_checkpoint_dir, load_model
+
+
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def loaded(request: pytest.FixtureRequest, tiny_checkpoint: Path):
+    """(model, tokenizer) of the tiny random checkpoint, and of the demo model when it is installed."""
+    if request.param == "demo":
+        if not (demo_checkpoint_dir() / "config.json").is_file():
+            pytest.skip(f"the demo checkpoint is not installed at {demo_checkpoint_dir()}")
+        net, tokenizer, _ = load_model("demo", device="cpu")
+    else:
+        net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
+    return net, tokenizer
+
+
+@pytest.fixture(scope="module")
+def images() -> list[ImageRef]:
+    arrays = [make_image(96, 60, 1), make_image(50, 90, 2), make_image(64, 64, 3)]
+    return [ImageRef(f"image{i}", a) for i, a in enumerate(arrays)]
+
+
+def run_alone(runner: NextChatRunner, job: Job) -> Outcome:
+    runner.submit(job)
+    outcomes: list[Outcome | BaseException] = []
+    while runner.has_work():
+        outcomes += [outcome for _, outcome in runner.step()]
+    (outcome,) = outcomes
+    assert not isinstance(outcome, BaseException)
+    return outcome
+
+
+def run_together(runner: NextChatRunner, waves: list[list[Job]]) -> dict[int, Outcome]:
+    """Submit each wave one step after the previous one (continuous batching), run until all finish."""
+    outcomes: dict[int, Outcome] = {}
+    pending = list(waves)
+    while pending or runner.has_work():
+        if pending:
+            for job in pending.pop(0):
+                runner.submit(job)
+        for job_id, outcome in runner.step():
+            assert not isinstance(outcome, BaseException)
+            outcomes[job_id] = outcome
+    return outcomes
+
+
+def assert_same(a: Outcome, b: Outcome) -> None:
+    if isinstance(a, GenerationOutcome):
+        assert isinstance(b, GenerationOutcome)
+        assert a.segments == b.segments and a.finish_reason == b.finish_reason
+        assert len(a.objects) == len(b.objects)
+        for x, y in zip(a.objects, b.objects, strict=True):
+            assert x.phrase == y.phrase
+            np.testing.assert_allclose(x.box, y.box, atol=0.11)  # boxes are rounded to 0.1 px
+            assert isinstance(x.state, ObjectState) and isinstance(y.state, ObjectState)
+            torch.testing.assert_close(x.state.square_box, y.state.square_box, atol=1e-4, rtol=0)
+            torch.testing.assert_close(x.state.at_hidden, y.state.at_hidden, atol=1e-4, rtol=1e-4)
+    else:
+        assert isinstance(a, MaskOutcome) and isinstance(b, MaskOutcome)
+        assert a.empty == b.empty
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        for x, y in zip(a.masks, b.masks, strict=True):
+            assert (x != y).mean() < 1e-3  # a pixel whose logit is ~0 may flip
+
+
+def jobs(images: list[ImageRef], single_state: object) -> list[Job]:
+    """Every kind of job, several on each image (so the batched runner reuses cached features)."""
+    return [
+        Job("locate", images[0], text="the red square", max_new_tokens=8),
+        Job("locate", images[1], text="all the circles", max_new_tokens=10),
+        Job("locate", images[2], text="the blue circle", single=True),
+        Job("describe", images[0], box=(10.0, 5.0, 60.0, 40.0), max_new_tokens=6),
+        Job("answer", images[1], text="What colour is the square?", ground=True, max_new_tokens=7),
+        Job("answer", images[2], text="Is there a triangle?", max_new_tokens=5),
+        Job("segment", images[0], prompts=(MaskPrompt(box=(5.0, 5.0, 50.0, 30.0)),)),
+        Job("segment", images[2], prompts=(MaskPrompt(state=single_state), MaskPrompt(box=(1.0, 2.0, 30.0, 40.0)))),
+    ]
+
+
+def test_batched_and_cached_results_equal_one_by_one_uncached_ones(loaded, images) -> None:
+    net, tokenizer = loaded
+    located = run_alone(NextChatRunner(net, tokenizer), Job("locate", images[2], text="the blue circle", single=True))
+    assert isinstance(located, GenerationOutcome) and located.objects
+    state = located.objects[0].state
+    alone = [run_alone(NextChatRunner(net, tokenizer), job) for job in jobs(images, state)]  # a fresh cache each
+    batched = jobs(images, state)
+    runner = NextChatRunner(net, tokenizer)
+    together = run_together(runner, [batched[:3], batched[3:5], batched[5:]])
+    assert set(together) == {job.id for job in batched}
+    for job, expected in zip(batched, alone, strict=True):
+        assert_same(together[job.id], expected)
+    # Each image went through the vision tower once (three generation jobs reused it) and SAM's encoder once.
+    assert (runner.features.misses, runner.features.hits) == (3, 3)
+    assert (runner.sam_images.misses, runner.sam_images.hits) == (2, 0)
+
+
+def test_an_out_of_memory_step_is_split_and_retried_with_correct_results(
+    tiny_checkpoint: Path, images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
+    kinds = [("the red square", 0), ("the blue circle", 1), ("all the circles", 2), ("the green one", 0)]
+    expected = {
+        (text, i): run_alone(NextChatRunner(net, tokenizer), Job("locate", images[i], text=text, max_new_tokens=6))
+        for text, i in kinds
+    }
+    # The device holds at most two rows: a bigger batch runs out of memory. The first call waits for the test.
+    forward_llm, first_call, release = net.forward_llm, threading.Event(), threading.Event()
+
+    def limited(inputs_embeds: torch.Tensor, *args, **kwargs):
+        first_call.set()
+        release.wait(10)
+        if inputs_embeds.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward_llm(inputs_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(net, "forward_llm", limited)
+    runner = NextChatRunner(net, tokenizer)
+    executor = Executor(lambda: runner, max_queue=256, max_active=8, max_wait_ms=0)
+    results: dict[int, tuple[tuple[str, int], Outcome]] = {}
+
+    async def call(number: int, kind: tuple[str, int]) -> None:
+        text, i = kind
+        results[number] = (kind, await executor.submit(Job("locate", images[i], text=text, max_new_tokens=6)))
+
+    async def main() -> None:
+        executor.start()
+        assert await executor.wait_ready(10)
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, -1, kinds[0])
+                await anyio.to_thread.run_sync(first_call.wait, 10)  # the worker is busy: the next 8 queue up
+                for number in range(8):
+                    tg.start_soon(call, number, kinds[number % 4])
+                while executor.queue_depth < 9:
+                    await anyio.sleep(0)
+                release.set()
+            assert runner.out_of_memory_steps >= 1 and executor.state == "ready"
+            async with anyio.create_task_group() as tg:
+                for number in range(100, 200):
+                    tg.start_soon(call, number, kinds[number % 4])
+
+    anyio.run(main)
+    executor.stop()
+    assert set(results) == {-1, *range(8), *range(100, 200)}
+    for kind, outcome in results.values():
+        assert_same(outcome, expected[kind])
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), StepOutOfMemory),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), DeviceFailure),
+        (RuntimeError("CUDA error: device-side assert triggered"), DeviceFailure),
+        (ValueError("a bug"), ValueError),
+    ],
+)
+def test_a_failed_step_drops_every_job_and_reports_the_kind_of_failure(
+    tiny_checkpoint: Path, images, monkeypatch: pytest.MonkeyPatch, error: Exception, raised: type
+) -> None:
+    net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
+    runner = NextChatRunner(net, tokenizer)
+    runner.submit(Job("locate", images[0], text="the red square", max_new_tokens=4))
+    runner.submit(Job("segment", images[1], prompts=(MaskPrompt(box=(1.0, 1.0, 20.0, 20.0)),)))
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(net, "forward_llm", fail)
+    with pytest.raises(raised):
+        runner.step()
+    assert not runner.has_work() and not runner.engine.has_work()
+
+
+def test_fixed_length_mode_generates_exactly_n_tokens_even_when_the_model_would_stop(
+    tiny_checkpoint: Path, images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
+    # End-of-answer wins every argmax: without the fixed length the answer ends at once.
+    net.lm_head.register_forward_hook(lambda _module, _inputs, logits: logits.index_fill(-1, torch.tensor([2]), 50.0))
+    assert tokenizer.eos_id == 2
+    lengths: list[int] = []
+    for fixed in (None, 7):
+        runner = NextChatRunner(net, tokenizer, fixed_new_tokens=fixed)
+        engine_step = runner.engine.step
+
+        def step(engine_step=engine_step):
+            results = engine_step()
+            lengths.extend(len(r.token_ids) for r in results)
+            return results
+
+        monkeypatch.setattr(runner.engine, "step", step)
+        outcome = run_alone(runner, Job("answer", images[0], text="What is this?", max_new_tokens=20))
+        assert isinstance(outcome, GenerationOutcome)
+        assert outcome.finish_reason == ("stop" if fixed is None else "length")
+    assert lengths[0] == 0 and lengths[1] in (7, 8)  # 8 only when the 7th token is <at> (its <boxes> follows)
