@@ -1,6 +1,7 @@
 # make test  — create .venv, install the project and its dev tools, run the test suite
 # make demo  — create .venv, install, run the demo
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
+# make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
 # The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
 # torchvision from local files (segment-anything needs torchvision). Override TORCH_SPEC elsewhere.
 
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint install clean bench
+.PHONY: test test-slow demo lint install clean bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +22,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest --run-slow
 
 demo: $(STAMP)
 	$(PY) -m nextchat.tiny .cache/tiny-random-checkpoint

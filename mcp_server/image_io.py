@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageOps
 
-from mcp_server.url_fetch import AddressCheck, Resolver, UrlRejected, fetch_url
+from mcp_server.url_fetch import WEB_PORTS, AddressCheck, Resolver, UrlRejected, fetch_url
 
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -76,6 +76,7 @@ class ImagePolicy:
     min_side: int = 8  # degenerate sizes rejected
     url_timeout_s: float = 15.0  # total; connect 3 s, read 5 s
     max_redirects: int = 3
+    url_ports: frozenset[int] | None = WEB_PORTS  # None: any port
 
     def __post_init__(self) -> None:
         # Resolve once so containment compares real paths on both sides (a symlinked root such as macOS's /tmp works).
@@ -217,7 +218,10 @@ def _read_local(path_text: str, policy: ImagePolicy) -> bytes:
         raise ImageInputError(f"image path {_echo(path_text)} is relative; pass an absolute path (~ is not expanded)")
     if not policy.allowed_dirs:
         raise ImageInputError(_ENABLE_LOCAL)
-    real = Path(os.path.realpath(path_text))
+    try:
+        real = Path(os.path.realpath(path_text))
+    except OSError:  # a link replaced by a file while it was being resolved (EINVAL), a link loop, ...
+        raise ImageInputError(f"image path {_echo(path_text)} changed while it was read; try again") from None
     # Same message whether or not the file exists, so the caller learns nothing about the rest of the filesystem.
     outside = ImageInputError(
         "image path is not inside an allowed directory; pass a file under one of: "
@@ -337,6 +341,11 @@ def load_image(
     text = spec.strip()
     if not text:
         raise ImageInputError("image is empty; pass an absolute path, an https URL or base64 image data")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # lone surrogates reach here from in-process callers; the OS would refuse them
+        except UnicodeEncodeError:
+            raise ImageInputError("image is not valid Unicode text; pass a plain path, URL or base64 image") from None
     scheme_match = _SCHEME.match(text)
     scheme = scheme_match.group(1).lower() if scheme_match else ""
     if scheme == "data":
@@ -353,6 +362,7 @@ def load_image(
                 max_bytes=policy.max_bytes,
                 timeout_s=policy.url_timeout_s,
                 max_redirects=policy.max_redirects,
+                allowed_ports=policy.url_ports,
                 resolver=resolver,
                 is_allowed_address=is_allowed_address,
             )

@@ -2,7 +2,12 @@
 
 Every tool resolves its ``image`` to a handle (``img_...``), runs one job on the executor and returns a typed result
 (``structuredContent``, mirrored as JSON text), plus an overlay picture when asked. Objects get ids (``o1``...)
-scoped to the image handle, so an agent can chain locate → segment / describe by id.
+scoped to the image handle, so an agent can chain locate → segment / describe by id. Over streamable HTTP, image,
+mask and overlay handles belong to the session that created them; any other session is told they do not exist.
+
+What goes back to the caller is bounded and inert: model text is stripped of control, zero-width, bidi and tag
+characters and capped; errors are one sentence naming the fix, never a stack trace, a resolved address or a path the
+caller may not read.
 """
 
 from __future__ import annotations
@@ -10,20 +15,23 @@ from __future__ import annotations
 import base64
 import inspect
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import anyio
 import numpy as np
 from mcp.server import MCPServer
+from mcp.server.connection import Connection
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent, ToolAnnotations
-from pydantic import BaseModel
+from mcp.types import CallToolResult, ImageContent, InputRequiredResult, ResourceLink, TextContent, ToolAnnotations
+from pydantic import BaseModel, ValidationError
 
 from mcp_server import image_io, rendering
 from mcp_server.executor import Executor, JobCancelled, ModelNotReady, Overloaded, Runner
@@ -49,7 +57,7 @@ from mcp_server.schemas import (
     VisualQAResult,
 )
 from mcp_server.settings import Settings
-from mcp_server.stores import BoundedStore, ImageRecord, ImageStore, StoredPng, new_handle
+from mcp_server.stores import BoundedStore, ImageRecord, ImageStore, Owner, StoredPng, new_handle
 
 
 log = logging.getLogger(__name__)
@@ -70,13 +78,65 @@ DEMO_NOTE = (
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, destructive_hint=False, open_world_hint=False)
 READ_ONLY_WEB = ToolAnnotations(read_only_hint=True, idempotent_hint=True, destructive_hint=False, open_world_hint=True)
 IMAGE_HANDLE = re.compile(r"^img_[0-9a-f]{32}$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
+# C0/C1 controls (ANSI escapes start with ESC), soft hyphen, zero-width and joiner characters, bidi embeddings,
+# overrides and isolates (they reorder what a human reviewer sees), invisible operators, the BOM, and Unicode tag
+# characters (which spell out ASCII invisibly and are a known channel for hidden instructions). Tabs and newlines stay.
+_HIDDEN = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+    "\ufff9-\ufffb\U000e0000-\U000e007f]"
+)
 MAX_TEXT = 2000
+MAX_ARGUMENT_PROBLEMS = 4
 
 
 def clean_text(text: str) -> str:
-    """Model text made safe to show: control and zero-width characters removed, length capped."""
-    return _CONTROL.sub("", text)[:MAX_TEXT]
+    """Model text made safe to show: hidden and control characters removed, length capped at :data:`MAX_TEXT`."""
+    return _HIDDEN.sub("", text)[:MAX_TEXT]
+
+
+def argument_problems(error: ValidationError) -> str:
+    """A pydantic validation error as one sentence naming each bad argument and what it should be.
+
+    Pydantic's own text spans several lines, quotes the rejected value and links to its website; the caller needs
+    none of that, only which argument to change and how.
+    """
+    problems = []
+    for detail in error.errors()[:MAX_ARGUMENT_PROBLEMS]:
+        where = ".".join(str(part) for part in detail["loc"]) or "arguments"
+        problems.append(f"{clean_text(where)[:40]}: {detail['msg'][:120].rstrip('.').lower()}")
+    more = error.error_count() - len(problems)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return "invalid arguments: " + "; ".join(problems) + suffix + "; check them against the tool's input schema"
+
+
+def session_owner(ctx: Context) -> Owner:
+    """The streamable-HTTP session a request arrived on, or ``None`` (stdio, in-memory, stateless HTTP).
+
+    Read from the connection the SDK built for the transport session, not from the ``Mcp-Session-Id`` header: on the
+    stateless and 2026-07-28 HTTP paths that header reaches the tool unchecked, so it would let a client name itself
+    any session. MCPServer's ``Context`` does not surface the connection, hence the lookup through the request's
+    session object; a failed lookup is an error (the call fails) rather than silently unbinding handles.
+    """
+    connection = ctx.request_context.session._connection
+    if not isinstance(connection, Connection):
+        raise TypeError("the request's session carries no MCP connection")
+    return connection.session_id
+
+
+class NextChatServer(MCPServer):
+    """``MCPServer`` whose argument-validation errors are one sentence without the rejected values."""
+
+    async def call_tool(
+        self, name: str, arguments: dict, context: Context | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as error:
+            cause = error.__cause__
+            if not isinstance(cause, ValidationError):
+                raise
+            # Chained to the same cause, so the SDK still logs only the field names.
+            raise ToolError(f"Error executing tool {name}: {argument_problems(cause)}") from cause
 
 
 def default_runner_factory(settings: Settings) -> Callable[[], Runner]:
@@ -110,8 +170,22 @@ class AppState:
             self.executor.start()
 
 
+def public_model_name(model: str) -> tuple[str, tuple[str, ...]]:
+    """How results name the model, and the spellings of its location that must not reach a caller.
+
+    A hub id or ``demo`` is shown as given; a local checkpoint directory only by its last component, since the
+    caller may not read the server's filesystem.
+    """
+    path = Path(model).expanduser()
+    if not (path.is_absolute() or model.startswith((".", "~")) or path.exists()):
+        return model, ()
+    spellings = {model, str(path), os.path.abspath(path), os.path.realpath(path)}
+    return path.name or model, tuple(sorted(spellings - {path.name}, key=len, reverse=True))
+
+
 def create_server(settings: Settings, runner_factory: Callable[[], Runner] | None = None) -> MCPServer:
     """Build the server. The model loads in the background when the first connection opens."""
+    public_model, model_locations = public_model_name(settings.model)
     policy = image_io.ImagePolicy(
         allowed_dirs=settings.allow_dirs, allow_urls=settings.allow_urls, allow_http=settings.allow_http
     )
@@ -135,7 +209,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         state.start()  # once per process: every connection shares the model
         yield state
 
-    server = MCPServer("nextchat-mcp", instructions=INSTRUCTIONS, lifespan=lifespan)
+    server = NextChatServer("nextchat-mcp", instructions=INSTRUCTIONS, lifespan=lifespan)
     server.state = state  # type: ignore[attr-defined]  # for the CLI and tests
     fetches = READ_ONLY_WEB if settings.allow_urls else READ_ONLY
 
@@ -151,9 +225,9 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
     # ---------------------------------------------------------------------------------------------------------------
     # Shared steps
 
-    async def resolve_image(image: str) -> ImageRecord:
+    async def resolve_image(image: str, owner: Owner) -> ImageRecord:
         if IMAGE_HANDLE.match(image):
-            record = state.images.get(image)
+            record = state.images.get(image, owner)
             if record is None:
                 raise ToolError(
                     f"image id {image} not found: it expired or was never issued; "
@@ -164,7 +238,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
             loaded = await anyio.to_thread.run_sync(image_io.load_image, image, state.policy)
         except image_io.ImageInputError as error:
             raise ToolError(str(error)) from None
-        return state.images.add(loaded.pixels, loaded.sha256)
+        return state.images.add(loaded.pixels, loaded.sha256, owner)
 
     async def run(job: Job, ctx: Context) -> GenerationOutcome | MaskOutcome:
         executor = state.executor
@@ -175,7 +249,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
                 await executor.wait_ready(1.0)
                 waited += 1.0
             if executor.state == "failed":
-                raise ToolError(f"{executor.error}; check the server's --model and its log")
+                raise ToolError(f"{public_error()}; check the server's --model and its log")
             if executor.state != "ready":
                 raise ToolError(f"the model is warming up; retry in {max(5, int(settings.ready_wait_s))} s")
         job.deadline = time.monotonic() + settings.request_timeout_s
@@ -226,12 +300,13 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         boxes: Sequence[tuple[str, Sequence[float]]],
         masks: Sequence[np.ndarray],
         overlay: bool,
+        owner: Owner,
     ) -> CallToolResult:
         content: list = []
         if overlay:
             jpeg = rendering.overlay_image(record.pixels, boxes, masks)
             overlay_id = new_handle("")
-            state.overlays.put(overlay_id, StoredPng(jpeg, record.handle))
+            state.overlays.put((owner, overlay_id), StoredPng(jpeg, record.handle))
             uri = f"overlay://{overlay_id}.jpg"
             result = result.model_copy(update={"overlay_uri": uri})
             content += [
@@ -255,7 +330,16 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
 
     def model_label() -> str:
         name = state.executor.runner_info.get("model_name")
-        return f"{settings.model} ({name})" if name and name != settings.model else settings.model
+        return f"{public_model} ({name})" if name and name != public_model else public_model
+
+    def public_error() -> str | None:
+        """The executor's error with the checkpoint's location reduced to its name (the caller may not read it)."""
+        error = state.executor.error
+        if error is None:
+            return None
+        for location in model_locations:
+            error = error.replace(location, public_model)
+        return error
 
     # ---------------------------------------------------------------------------------------------------------------
     # Tools
@@ -270,7 +354,8 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         `found` is false when the model located nothing. No confidence score is given: the model has none for boxes.
         """
         started = time.perf_counter()
-        record = await resolve_image(image)
+        owner = session_owner(ctx)
+        record = await resolve_image(image, owner)
         job = Job("locate", ImageRef(record.sha256, record.pixels), text=query, max_new_tokens=8 + 8 * max_objects)
         outcome = await run(job, ctx)
         assert isinstance(outcome, GenerationOutcome)
@@ -281,7 +366,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
             image=image_info, coordinate_space=space, query=query, found=bool(objects), objects=objects,
             explanation=with_markers(outcome, ids), provenance=provenance(started),
         )  # fmt: skip
-        return finish(result, record, [(o.id, o.box) for o in objects], [], overlay)
+        return finish(result, record, [(o.id, o.box) for o in objects], [], overlay, owner)
 
     @tool("Segment an object", fetches)
     async def segment_object(
@@ -301,7 +386,8 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         started = time.perf_counter()
         if sum(v is not None for v in (query, box, object_id)) != 1:
             raise ToolError("give exactly one of object_id, query or box")
-        record = await resolve_image(image)
+        owner = session_owner(ctx)
+        record = await resolve_image(image, owner)
         ref = ImageRef(record.sha256, record.pixels)
         phrase = None
         if object_id is not None:
@@ -323,7 +409,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         assert isinstance(outcome, MaskOutcome)
         mask, score, empty = outcome.masks[0], outcome.scores[0], outcome.empty[0]
         mask_id = new_handle("")
-        state.masks.put(mask_id, StoredPng(rendering.mask_png(mask), record.handle))
+        state.masks.put((owner, mask_id), StoredPng(rendering.mask_png(mask), record.handle))
         tight = _mask_box(mask)
         image_info, space = info(record)
         area = int(mask.sum())
@@ -334,7 +420,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
             iou_prediction=round(score, 4), rle=CocoRle.model_validate(rendering.coco_rle(mask)),
             provenance=provenance(started),
         )  # fmt: skip
-        call = finish(result, record, [(object_id or "box", prompt_box)], [mask], overlay)
+        call = finish(result, record, [(object_id or "box", prompt_box)], [mask], overlay, owner)
         link = ResourceLink(
             type="resource_link", uri=result.mask_uri, name=f"mask-{mask_id[:8]}.png", mime_type="image/png"
         )
@@ -356,7 +442,8 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         started = time.perf_counter()
         if (box is None) == (object_id is None):
             raise ToolError("give exactly one of box or object_id")
-        record = await resolve_image(image)
+        owner = session_owner(ctx)
+        record = await resolve_image(image, owner)
         if object_id is not None:
             stored = record.objects.get(object_id)
             if stored is None:
@@ -379,7 +466,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
             provenance=provenance(started),
         )  # fmt: skip
         boxes = [(object_id or "region", region), *[(o.id, o.box) for o in objects]]
-        return finish(result, record, boxes, [], overlay)
+        return finish(result, record, boxes, [], overlay, owner)
 
     @tool("Visual question answering", fetches)
     async def visual_qa(
@@ -389,7 +476,8 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         mentions: `evidence` lists them (id, phrase, box) and the answer marks them [o1], [o2]...
         """
         started = time.perf_counter()
-        record = await resolve_image(image)
+        owner = session_owner(ctx)
+        record = await resolve_image(image, owner)
         outcome = await run(Job("answer", ImageRef(record.sha256, record.pixels), text=question, ground=ground), ctx)
         assert isinstance(outcome, GenerationOutcome)
         objects = detected(record, outcome.objects)
@@ -399,7 +487,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
             answer=with_markers(outcome, [o.id for o in objects]),
             grounded=ground, evidence=objects, provenance=provenance(started),
         )  # fmt: skip
-        return finish(result, record, [(o.id, o.box) for o in objects], [], overlay)
+        return finish(result, record, [(o.id, o.box) for o in objects], [], overlay, owner)
 
     @tool("Server status", READ_ONLY)
     def status() -> StatusResult:
@@ -407,12 +495,12 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         executor = state.executor
         runner_info = executor.runner_info
         return StatusResult(
-            model=settings.model,
+            model=public_model,
             note=DEMO_NOTE if settings.model == "demo" else "NExT-Chat checkpoint",
             device=str(runner_info["device"]) if runner_info.get("device") else None,
             dtype=str(runner_info["dtype"]) if runner_info.get("dtype") else None,
             state=executor.state,
-            error=executor.error,
+            error=public_error(),
             queue_depth=executor.queue_depth,
             running=executor.running,
             uptime_s=round(time.monotonic() - executor.started_at, 1),
@@ -425,16 +513,16 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
 
     @server.resource("mask://{mask_id}.png", name="mask", mime_type="image/png",
                      description="A mask from segment_object: PNG, 0/255, the image's size.")  # fmt: skip
-    def read_mask(mask_id: str) -> bytes:
-        item = state.masks.get(mask_id)
+    def read_mask(mask_id: str, ctx: Context) -> bytes:
+        item = state.masks.get((session_owner(ctx), mask_id))
         if item is None:
             raise ResourceNotFoundError("mask not found: it expired or was never issued; call segment_object again")
         return item.png
 
     @server.resource("overlay://{overlay_id}.jpg", name="overlay", mime_type="image/jpeg",
                      description="An overlay picture from a tool called with overlay=true.")  # fmt: skip
-    def read_overlay(overlay_id: str) -> bytes:
-        item = state.overlays.get(overlay_id)
+    def read_overlay(overlay_id: str, ctx: Context) -> bytes:
+        item = state.overlays.get((session_owner(ctx), overlay_id))
         if item is None:
             raise ResourceNotFoundError("overlay not found: it expired or was never issued; call the tool again")
         return item.png

@@ -2,6 +2,8 @@
 
 Handles are unguessable (128 random bits). Every store is bounded by entry count and by bytes and forgets entries
 after a lifetime; a forgotten handle reads as "not found", and the tools say to call again with the image.
+Over streamable HTTP every handle is also bound to the session that created it: stores are keyed by
+``(owner, handle)``, so a handle presented by another session is simply absent (no refresh, no hint it exists).
 Thread-safe: the tools run on the event loop, the model in a worker thread.
 """
 
@@ -11,7 +13,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -20,6 +22,9 @@ import numpy as np
 
 V = TypeVar("V")
 MAX_OBJECTS_PER_IMAGE = 256
+Owner = str | None
+"""The transport session a handle belongs to; ``None`` where there is one client per process (stdio, in-memory) or no
+session at all (stateless HTTP)."""
 
 
 def new_handle(prefix: str) -> str:
@@ -28,7 +33,7 @@ def new_handle(prefix: str) -> str:
 
 
 class BoundedStore(Generic[V]):
-    """An LRU map with a count cap, a byte cap and a time-to-live.
+    """An LRU map with a count cap, a byte cap and a time-to-live; keys are any hashable (handles, or owner + handle).
 
     Args:
         max_entries: most entries kept.
@@ -48,11 +53,11 @@ class BoundedStore(Generic[V]):
     ) -> None:
         self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
         self._size_of, self._clock = size_of, clock
-        self._items: OrderedDict[str, tuple[V, int, float]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[V, int, float]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, key: str, value: V) -> None:
+    def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` under ``key`` (replacing any), then evict expired and least recently used entries."""
         size = self._size_of(value)
         with self._lock:
@@ -61,7 +66,7 @@ class BoundedStore(Generic[V]):
             self._bytes += size
             self._evict()
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: Hashable) -> V | None:
         """The value, or ``None`` when unknown or expired; a hit refreshes its lifetime and recency."""
         with self._lock:
             item = self._items.get(key)
@@ -79,7 +84,7 @@ class BoundedStore(Generic[V]):
     def __contains__(self, key: object) -> bool:
         """Presence without refreshing the entry (expired entries count as absent)."""
         with self._lock:
-            item = self._items.get(key)  # type: ignore[call-overload]
+            item = self._items.get(key) if isinstance(key, Hashable) else None
             return item is not None and self._clock() - item[2] <= self.ttl_s
 
     def __len__(self) -> int:
@@ -90,7 +95,7 @@ class BoundedStore(Generic[V]):
     def nbytes(self) -> int:
         return self._bytes
 
-    def _pop(self, key: str) -> None:
+    def _pop(self, key: Hashable) -> None:
         item = self._items.pop(key, None)
         if item is not None:
             self._bytes -= item[1]
@@ -150,33 +155,36 @@ class StoredPng:
 
 
 class ImageStore:
-    """Images by handle, deduplicated by content: the same bytes get the same handle while it lives."""
+    """Images by owner and handle, deduplicated by content within an owner: the same bytes sent again by the same
+    session get the same handle while it lives; another session gets its own handle (and its own object ids)."""
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 2 << 30, ttl_s: float = 3600.0) -> None:
         self._store: BoundedStore[ImageRecord] = BoundedStore(
             max_entries, max_bytes, ttl_s, size_of=lambda r: int(r.pixels.nbytes)
         )
-        self._by_sha: dict[str, str] = {}
+        self._by_content: dict[tuple[Owner, str], tuple[Owner, str]] = {}
         self._lock = threading.Lock()
 
     @property
     def ttl_s(self) -> float:
         return self._store.ttl_s
 
-    def add(self, pixels: np.ndarray, sha256: str) -> ImageRecord:
+    def add(self, pixels: np.ndarray, sha256: str, owner: Owner = None) -> ImageRecord:
         with self._lock:
-            handle = self._by_sha.get(sha256)
-            record = self._store.get(handle) if handle else None
+            key = self._by_content.get((owner, sha256))
+            record = self._store.get(key) if key else None
             if record is None:
                 record = ImageRecord(new_handle("img_"), pixels, sha256)
-                self._store.put(record.handle, record)
-                self._by_sha[sha256] = record.handle
+                key = (owner, record.handle)
+                self._store.put(key, record)
+                self._by_content[(owner, sha256)] = key
                 # Forget content keys whose handle has been evicted, so the index stays bounded too.
-                self._by_sha = {s: h for s, h in self._by_sha.items() if h in self._store}
+                self._by_content = {c: k for c, k in self._by_content.items() if k in self._store}
             return record
 
-    def get(self, handle: str) -> ImageRecord | None:
-        return self._store.get(handle)
+    def get(self, handle: str, owner: Owner = None) -> ImageRecord | None:
+        """The image behind ``handle`` if ``owner`` created it and it is still alive, else ``None``."""
+        return self._store.get((owner, handle))
 
     def __len__(self) -> int:
         return len(self._store)

@@ -1,9 +1,10 @@
 """SSRF-hardened fetching of image URLs for the MCP server.
 
 The image argument of a tool comes from a language model, which may be steered by a prompt injection, so a URL is
-treated as hostile: only http(s), no userinfo, every resolved address must be public, the connection goes to the
-exact address that was checked (no second DNS lookup an attacker could rebind), proxies from the environment are
-never consulted, redirects are followed by hand and re-validated hop by hop, and time and body size are capped.
+treated as hostile: only http(s) on web ports, no userinfo, every resolved address must be public, the connection
+goes to the exact address that was checked (no second DNS lookup an attacker could rebind), proxies from the
+environment are never consulted, redirects are followed by hand and re-validated hop by hop, and time and body size
+are capped.
 
 The standard library's ``http.client`` is used on top of a socket this module opens itself: it has no proxy or
 redirect logic of its own, which is exactly what is wanted here.
@@ -29,13 +30,44 @@ Connector = Callable[[str, int, str, bool, float], socket.socket]
 """``connect(ip, port, hostname, tls, timeout_s)`` returns a connected (and, for TLS, verified) socket."""
 
 MAX_URL_LENGTH = 2048
+WEB_PORTS = frozenset({80, 443, 8080, 8443})
+"""Ports a URL may name by default: image hosts serve on these, while other ports (ssh, smtp, redis...) would let a
+caller probe services through the server."""
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 5.0
 _CHUNK = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-_SHARED_V4 = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT; also Alibaba's metadata address
+# Special-purpose blocks (RFC 6890 registries) that no fetch may reach, listed explicitly: Python 3.11 before 3.11.10
+# (CVE-2024-4032) calls some of them global, e.g. 192.0.0.192 (a cloud metadata address) and 192.88.99.0/24.
+_DENIED_NETWORKS = tuple(
+    ipaddress.ip_network(cidr)
+    for cidr in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # carrier-grade NAT; also Alibaba's metadata address
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/3",  # multicast, reserved and broadcast
+        "::/127",
+        "64:ff9b:1::/48",
+        "100::/64",
+        "2001::/23",
+        "2001:db8::/32",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
+    )
+)
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*\.?$")
 # Forms that inet_aton accepts (127.1, 2130706433, 0x7f000001, 0177.0.0.1): the OS would connect to them, so they
 # are decoded here the same way instead of being handed to a resolver.
@@ -76,16 +108,18 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def is_public_address(ip: IPAddress) -> bool:
-    """Whether ``ip`` is a globally routable unicast address that a fetch may connect to."""
+    """Whether ``ip`` is a globally routable unicast address that a fetch may connect to.
+
+    An address must pass both the explicit deny-list and every ``ipaddress`` flag, so neither a gap in the list nor
+    a misjudgement by the running Python's ``ipaddress`` lets an internal address through.
+    """
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id:
             return False
         embedded = _embedded_ipv4(ip)
         if embedded is not None:
             return is_public_address(embedded)
-        if ip in _NAT64_LOCAL or ip.is_site_local:
-            return False
-    elif ip in _SHARED_V4:
+    if any(ip in network for network in _DENIED_NETWORKS):
         return False
     # is_global alone misses multicast (224.0.0.1 counts as global in 3.11), so every flag is checked explicitly.
     return ip.is_global and not (
@@ -107,8 +141,11 @@ def _literal_address(host: str) -> IPAddress | None:
     return None
 
 
-def validate_url(url: str, *, allow_http: bool) -> _Target:
-    """Check the shape of a URL (scheme, host, port, userinfo, characters) without any network access."""
+def validate_url(url: str, *, allow_http: bool, allowed_ports: frozenset[int] | None = WEB_PORTS) -> _Target:
+    """Check the shape of a URL (scheme, host, port, userinfo, characters) without any network access.
+
+    ``allowed_ports`` None accepts any port.
+    """
     if len(url) > MAX_URL_LENGTH:
         raise UrlRejected(f"URL is longer than {MAX_URL_LENGTH} characters; pass a shorter URL")
     # urlsplit silently drops tabs and newlines, so an unparsed check is needed to avoid parser disagreements.
@@ -134,6 +171,9 @@ def validate_url(url: str, *, allow_http: bool) -> _Target:
         raise UrlRejected("URL host is not a valid ASCII hostname; pass the host in punycode (xn--) form")
     if port == 0:
         raise UrlRejected("URL port 0 is not valid; pass a URL with a real port")
+    if port is not None and allowed_ports is not None and port not in allowed_ports:
+        ports = ", ".join(str(p) for p in sorted(allowed_ports))
+        raise UrlRejected(f"URL port {port} is not allowed; pass a URL on port {ports} (or no port)")
     path = parts.path or "/"
     target = path + (f"?{parts.query}" if parts.query else "")
     # Keep every reserved character and existing %-escape; only encode what http.client would refuse (non-ASCII).
@@ -263,6 +303,7 @@ def fetch_url(
     max_bytes: int,
     timeout_s: float,
     max_redirects: int,
+    allowed_ports: frozenset[int] | None = WEB_PORTS,
     resolver: Resolver | None = None,
     is_allowed_address: AddressCheck | None = None,
     connect: Connector | None = None,
@@ -275,6 +316,7 @@ def fetch_url(
         max_bytes: Largest body accepted, counted as received (identity encoding only).
         timeout_s: Cap on the whole fetch, redirects included; connect and per-read caps are 3 s and 5 s.
         max_redirects: Largest number of redirects followed.
+        allowed_ports: Ports a URL (and every redirect target) may name; None accepts any.
         resolver: ``getaddrinfo``-compatible resolver; called once per hop.
         is_allowed_address: Address policy; defaults to :func:`is_public_address`.
         connect: Socket factory for the pinned address; defaults to :func:`default_connect`.
@@ -288,7 +330,7 @@ def fetch_url(
     is_allowed = is_allowed_address or is_public_address
     deadline = time.monotonic() + timeout_s
     for _ in range(max_redirects + 1):
-        target = validate_url(url, allow_http=allow_http)
+        target = validate_url(url, allow_http=allow_http, allowed_ports=allowed_ports)
         ip = resolve_pinned(target.host, target.port, resolver, is_allowed)
         sock: socket.socket | None = None
         response: http.client.HTTPResponse | None = None
@@ -332,6 +374,7 @@ def fetch_url(
 
 __all__ = [
     "MAX_URL_LENGTH",
+    "WEB_PORTS",
     "UrlRejected",
     "default_connect",
     "fetch_url",

@@ -2,6 +2,8 @@
 
 import base64
 import io
+import struct
+import zlib
 
 import jsonschema
 import numpy as np
@@ -38,3 +40,22 @@ async def error_text(client: Client, tool: str, arguments: dict) -> str:
     result = await client.call_tool(tool, arguments)
     assert result.is_error
     return "".join(getattr(b, "text", "") for b in result.content)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body and CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def blank_bilevel_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of any size whose rows are all zero: a few kB even at 20000×20000 (a decompression bomb)."""
+    compressor, row, left, parts = zlib.compressobj(9), bytes(1 + (width + 7) // 8), height, []
+    while left:
+        n = min(left, 512)
+        parts.append(compressor.compress(row * n))
+        left -= n
+    parts.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"".join(parts)) + png_chunk(b"IEND", b"")
+    )

@@ -13,7 +13,6 @@ import struct
 import threading
 import warnings
 import zipfile
-import zlib
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
+from support import blank_bilevel_png
 
 from mcp_server import image_io, url_fetch
 from mcp_server.image_io import ImageInputError, ImagePolicy, load_image
@@ -49,22 +49,6 @@ def noise(width: int = 16, height: int = 10, seed: int = 0) -> np.ndarray:
 
 
 PNG = encode(Image.fromarray(noise()))
-
-
-def png_of_size(width: int, height: int) -> bytes:
-    """A valid 1-bit grayscale PNG of any size: a few kB even for 20000×20000, since the rows are all zero."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    compressor, row, rows_left, parts = zlib.compressobj(9), bytes(1 + (width + 7) // 8), height, []
-    while rows_left:
-        n = min(rows_left, 512)
-        parts.append(compressor.compress(row * n))
-        rows_left -= n
-    parts.append(compressor.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,6 +117,9 @@ ROUTES: dict[str, tuple[int, dict[str, str], bytes]] = {
     "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
     "/to-internal": (302, {"Location": "https://metadata.internal/"}, b""),
     "/to-ftp": (302, {"Location": "ftp://images.example/a.png"}, b""),
+    "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+    "/to-gopher": (302, {"Location": "gopher://127.0.0.1:6379/_INFO"}, b""),
+    "/to-ssh-port": (302, {"Location": "http://images.example:22/"}, b""),
 }
 
 
@@ -180,7 +167,8 @@ def base(server) -> str:
 
 
 def fetch(url: str, **kwargs) -> image_io.LoadedImage:
-    policy = ImagePolicy(allow_http=True, url_timeout_s=kwargs.pop("timeout", 10.0), **kwargs.pop("policy", {}))
+    policy = ImagePolicy(**{"allow_http": True, "url_timeout_s": kwargs.pop("timeout", 10.0), "url_ports": None}
+                         | kwargs.pop("policy", {}))  # fmt: skip
     return load_image(url, policy, is_allowed_address=allow_loopback, **kwargs)
 
 
@@ -222,11 +210,42 @@ def test_content_type_is_checked_but_magic_bytes_decide(base: str) -> None:
 
 @pytest.mark.parametrize(
     ("path", "message"),
-    [("/gzip", "content-encoded"), ("/missing", "HTTP 404"), ("/to-ftp", "scheme 'ftp'")],
+    [
+        ("/gzip", "content-encoded"),
+        ("/missing", "HTTP 404"),
+        ("/to-ftp", "scheme 'ftp'"),
+        ("/to-file", "scheme 'file'"),
+        ("/to-gopher", "scheme 'gopher'"),
+    ],
 )
-def test_url_response_refusals(base: str, path: str, message: str) -> None:
+def test_url_response_refusals(base: str, path: str, message: str, network) -> None:
     with pytest.raises(ImageInputError, match=message):
         fetch(base + path)
+    assert len(network) == 1  # the redirect target is refused before any connection
+
+
+def test_redirect_to_a_non_web_port_is_refused(base: str, network) -> None:
+    policy = {"url_ports": frozenset({80, 443, int(base.rsplit(":", 1)[1])})}
+    with pytest.raises(ImageInputError, match="port 22 is not allowed"):
+        fetch(f"{base}/to-ssh-port", policy=policy)
+    assert len(network) == 1
+
+
+def test_rebinding_cannot_move_a_fetch_between_lookups(server, network) -> None:
+    """A name that answers loopback (allowed here) then a private address: each hop resolves once, connects to
+    exactly the address it checked, and the private answer on the next hop stops the fetch before connecting."""
+    answers = iter(["127.0.0.1", "10.0.0.5", "127.0.0.1"])
+    calls: list[str] = []
+
+    def rebinding(host: str, port: int, *args, **kwargs):
+        calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    port = server.server_port
+    with pytest.raises(ImageInputError, match="non-public address"):
+        fetch(f"http://images.example:{port}/to-http", resolver=rebinding)
+    assert calls == ["images.example", "images.example"]
+    assert network == [("127.0.0.1", port)]
 
 
 def test_url_body_is_capped_while_streaming_ignoring_content_length(base: str) -> None:
@@ -269,7 +288,7 @@ def test_https_flow_pins_and_refuses_downgrade(server) -> None:
         return sock
 
     resolver = StubResolver({"images.example": ["127.0.0.1"]})
-    common = {"max_bytes": 1 << 20, "timeout_s": 5.0, "max_redirects": 3, "resolver": resolver}
+    common = {"max_bytes": 1 << 20, "timeout_s": 5.0, "max_redirects": 3, "resolver": resolver, "allowed_ports": None}
     common |= {"is_allowed_address": allow_loopback, "connect": plain_connect}
     url = f"https://images.example:{server.server_port}"
     assert url_fetch.fetch_url(f"{url}/img.png", **common) == PNG
@@ -324,6 +343,14 @@ SSRF_LITERALS = [
     "https://[ff02::1]/",
     "https://localhost/",
     "https://api.localhost/",
+    "https://0.0.0.0/",
+    "https://[::]/",
+    "https://100.64.0.1/",
+    "https://192.0.0.192/",
+    "https://192.88.99.1/",
+    "https://198.18.0.1/",
+    "HTTPS://127.0.0.1/",
+    "https://0x7f.1/",
 ]
 
 
@@ -346,6 +373,32 @@ def test_hostname_resolving_to_any_private_address_is_refused(addresses: list[st
         load_image("https://evil.example/a.png", ImagePolicy(), resolver=resolver)
     assert network == [] and resolver.calls == ["evil.example"]
     assert not any(a in str(caught.value) for a in addresses)
+
+
+@pytest.mark.parametrize(
+    ("url", "table"),
+    [
+        ("https://127.0.0.1.nip.io/a.png", {"127.0.0.1.nip.io": ["127.0.0.1"]}),
+        ("https://metadata.google.internal/", {"metadata.google.internal": ["169.254.169.254"]}),
+        ("https://v6.example/", {"v6.example": ["::ffff:169.254.169.254"]}),
+        ("https://nat64.example/", {"nat64.example": ["64:ff9b::a9fe:a9fe"]}),
+        ("https://imds6.example/", {"imds6.example": ["fd00:ec2::254"]}),
+    ],
+)
+def test_names_that_resolve_to_internal_addresses_are_refused(url: str, table: dict, network) -> None:
+    resolver = StubResolver(table)
+    with pytest.raises(ImageInputError, match="non-public address") as caught:
+        load_image(url, ImagePolicy(), resolver=resolver)
+    assert network == [] and len(resolver.calls) == 1
+    assert not any(a in str(caught.value) for addresses in table.values() for a in addresses)
+
+
+def test_parser_confusion_urls_go_to_the_host_the_parser_saw(network) -> None:
+    """``http://evil#@127.0.0.1`` names host ``evil`` (the rest is a fragment), and that is the host resolved."""
+    resolver = StubResolver({"evil": ["10.0.0.1"]})
+    with pytest.raises(ImageInputError, match="non-public address"):
+        load_image("http://evil#@127.0.0.1/", ImagePolicy(allow_http=True), resolver=resolver)
+    assert resolver.calls == ["evil"] and network == []
 
 
 def test_default_resolver_is_getaddrinfo(monkeypatch: pytest.MonkeyPatch, network) -> None:
@@ -376,6 +429,10 @@ def test_default_resolver_is_getaddrinfo(monkeypatch: pytest.MonkeyPatch, networ
         ("https://exämple.com/", {}, "punycode"),
         ("https://example.com:99999/", {}, "could not be parsed"),
         ("https://example.com/a.png", {"allow_urls": False}, "URLs are disabled"),
+        ("dict://example.com:11211/", {}, "scheme 'dict'"),
+        ("https://example.com:22/", {}, "port 22 is not allowed"),
+        ("https://example.com:6379/", {}, "port 6379 is not allowed"),
+        ("http://example.com:25/", {"allow_http": True}, "port 25 is not allowed"),
     ],
 )
 def test_url_shape_refusals(url: str, policy: dict, message: str, network) -> None:
@@ -432,19 +489,19 @@ def test_png_zip_polyglot_is_read_as_png() -> None:
 def test_huge_dimensions_rejected_from_header_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded a bomb"))
     with pytest.raises(ImageInputError, match="pixels"):
-        load_bytes(png_of_size(20_000, 20_000))
+        load_bytes(blank_bilevel_png(20_000, 20_000))
     with pytest.raises(ImageInputError, match="7000×7000 pixels, more than the 40000000"):
-        load_bytes(png_of_size(7000, 7000))
+        load_bytes(blank_bilevel_png(7000, 7000))
     with pytest.raises(ImageInputError, match="longer than 16384"):
-        load_bytes(png_of_size(17_000, 8))
+        load_bytes(blank_bilevel_png(17_000, 8))
     with pytest.raises(ImageInputError, match="shorter than 8"):
-        load_bytes(png_of_size(4, 4))
+        load_bytes(blank_bilevel_png(4, 4))
 
 
 def test_decompression_bomb_warning_is_an_error_and_filters_are_restored() -> None:
     filters = list(warnings.filters)
     with pytest.raises(ImageInputError, match=f"more than {Image.MAX_IMAGE_PIXELS} pixels"):
-        load_bytes(png_of_size(10_000, 10_000), max_pixels=200_000_000)  # 100M: Pillow warns, does not raise
+        load_bytes(blank_bilevel_png(10_000, 10_000), max_pixels=200_000_000)  # 100M: Pillow warns, does not raise
     assert warnings.filters == filters
 
 
@@ -602,6 +659,8 @@ def test_data_uri_and_raw_base64() -> None:
         ("images/cat.png", "absolute path"),
         ("~/cat.png", "absolute path"),
         ("   ", "empty"),
+        ("/srv/images/a\ud800.png", "not valid Unicode"),
+        ("https://exa\udcffmple.com/a.png", "not valid Unicode"),
     ],
 )
 def test_bad_inline_arguments(spec: str, message: str) -> None:
@@ -652,12 +711,16 @@ def test_paths_outside_roots_are_refused_without_revealing_existence(tree, tmp_p
     root, policy = tree
     (root / "out.png").symlink_to(tmp_path / "project2" / "a.png")
     (root / "linkdir").symlink_to(tmp_path / "project2")
+    (root / "chain2.png").symlink_to(root / "out.png")
+    (root / "chain1.png").symlink_to(root / "chain2.png")
     specs = [
         str(tmp_path / "project2" / "a.png"),  # sibling sharing the prefix "project"
         str(tmp_path / "project2" / "missing.png"),
         f"{root}/../project2/a.png",
         str(root / "out.png"),
         str(root / "linkdir" / "a.png"),
+        str(root / "chain1.png"),  # inside → inside → outside
+        str(root / "sub" / ".." / ".." / "project2" / "a.png"),
         "file://" + str(root) + "/%2E%2E/project2/a.png",  # percent-decoded before the check
         "/dev/zero",
         "/etc/passwd",
@@ -672,14 +735,25 @@ def test_paths_outside_roots_are_refused_without_revealing_existence(tree, tmp_p
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("pipe.png", "not a regular file"), ("sub", "directory"), ("nope.png", "does not exist")],
+    [
+        ("pipe.png", "not a regular file"),
+        ("socket.png", "could not be opened"),
+        ("sub", "directory"),
+        ("nope.png", "does not exist"),
+    ],
 )
 def test_special_and_missing_files(tree, name: str, message: str) -> None:
     root, policy = tree
     if name == "pipe.png":
         os.mkfifo(root / name)  # must be refused at once, not block waiting for a writer
-    with pytest.raises(ImageInputError, match=message):
-        load_image(str(root / name), policy)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if name == "socket.png":
+        listener.bind(str(root / name))  # open() of a socket fails (ENXIO); it is never read
+    try:
+        with pytest.raises(ImageInputError, match=message):
+            load_image(str(root / name), policy)
+    finally:
+        listener.close()
 
 
 def test_device_file_under_allowed_root_is_not_read() -> None:
