@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,6 +25,7 @@ from mcp_server.messages import (
     DeviceFailure,
     FoundObject,
     GenerationOutcome,
+    ImageRef,
     Job,
     MaskOutcome,
     Outcome,
@@ -99,6 +101,38 @@ class TensorLRU(Generic[V]):
         self._bytes += nbytes
         while self._bytes > self.max_bytes and len(self._items) > 1:
             self._bytes -= self._items.popitem(last=False)[1][1]
+
+
+def _feature_bytes(image: EncodedImage) -> int:
+    return image.features.numel() * image.features.element_size()
+
+
+def _sam_bytes(image: SamImage) -> int:
+    return image.embeddings.numel() * image.embeddings.element_size()
+
+
+def encode_cached(
+    refs: list[ImageRef], cache: TensorLRU[V], encode: Callable[[list[np.ndarray]], list[V]], nbytes: Callable[[V], int]
+) -> dict[str, V]:
+    """Each distinct image's encoding by content key: from ``cache``, or encoded together with the other misses
+    (``ENCODE_CHUNK`` images a pass) and then cached."""
+    found: dict[str, V] = {}
+    missing: dict[str, np.ndarray] = {}
+    for ref in refs:
+        if ref.key in found or ref.key in missing:
+            continue
+        cached = cache.get(ref.key)
+        if cached is None:
+            missing[ref.key] = ref.pixels
+        else:
+            found[ref.key] = cached
+    keys = list(missing)
+    for start in range(0, len(keys), ENCODE_CHUNK):
+        chunk = keys[start : start + ENCODE_CHUNK]
+        for key, encoded in zip(chunk, encode([missing[k] for k in chunk]), strict=True):
+            found[key] = encoded
+            cache.put(key, encoded, nbytes(encoded))
+    return found
 
 
 @dataclass(frozen=True)
@@ -263,22 +297,9 @@ class NextChatRunner:
 
     def _start(self, starting: list[_Starting]) -> None:
         """Fill in the jobs' image features (new images encoded together) and put the requests on the engine."""
-        images: dict[str, EncodedImage] = {}
-        missing: dict[str, np.ndarray] = {}
-        for item in starting:
-            key = item.job.image.key
-            if key not in images and key not in missing:
-                cached = self.features.get(key)
-                if cached is None:
-                    missing[key] = item.job.image.pixels
-                else:
-                    images[key] = cached
-        keys = list(missing)
-        for i in range(0, len(keys), ENCODE_CHUNK):
-            chunk = keys[i : i + ENCODE_CHUNK]
-            for key, encoded in zip(chunk, self.engine.encode_images([missing[k] for k in chunk]), strict=True):
-                images[key] = encoded
-                self.features.put(key, encoded, encoded.features.numel() * encoded.features.element_size())
+        images = encode_cached(
+            [item.job.image for item in starting], self.features, self.engine.encode_images, _feature_bytes
+        )
         for item in starting:
             item.request.image = images[item.job.image.key]
             self.engine.submit(item.request)
@@ -286,24 +307,7 @@ class NextChatRunner:
 
     def _sam_images(self, jobs: list[Job]) -> dict[str, SamImage]:
         """The SAM embeddings of the jobs' images: cached ones, the others encoded together."""
-        images: dict[str, SamImage] = {}
-        missing: dict[str, np.ndarray] = {}
-        for job in jobs:
-            key = job.image.key
-            if key not in images and key not in missing:
-                cached = self.sam_images.get(key)
-                if cached is None:
-                    missing[key] = job.image.pixels
-                else:
-                    images[key] = cached
-        keys = list(missing)
-        for i in range(0, len(keys), ENCODE_CHUNK):
-            chunk = keys[i : i + ENCODE_CHUNK]
-            for key, sam_image in zip(chunk, self.engine.encode_sam_images([missing[k] for k in chunk]), strict=True):
-                images[key] = sam_image
-                nbytes = sam_image.embeddings.numel() * sam_image.embeddings.element_size()
-                self.sam_images.put(key, sam_image, nbytes)
-        return images
+        return encode_cached([job.image for job in jobs], self.sam_images, self.engine.encode_sam_images, _sam_bytes)
 
     @torch.inference_mode()
     def _run_masks(self, jobs: list[Job]) -> list[tuple[int, Outcome | BaseException]]:
