@@ -77,16 +77,18 @@ class Batch:
     Attributes:
         pixel_values: ``[S, 3, s, s]`` the scenes' vision-tower inputs.
         patch_classes: ``[S, g*g]`` long, the class of the object filling each patch (0 background).
+        patch_boxes: ``[S, g*g, 4]`` square-frame xyxy box of that object (zeros on background).
         input_ids, attention_mask, labels: ``[B, T]`` right-padded conversations; labels are -100 off the answer.
         scene_index: ``[B]`` which scene each conversation is about.
         boxes: per conversation ``[K, 4]`` ground-truth boxes of its ``<boxes>`` tokens, in order.
         at_rows, at_positions, at_targets: the answer's ``<at>`` tokens ``[M]``, ``[M]`` and their boxes ``[M, 4]``.
-        target_patches: ``[B, g*g]`` share of each patch covered by the object a locate question asks for; rows of
-            other tasks are -1.
+        target_patches: ``[B, g*g]`` share of each patch covered by the objects the question is about
+            (``Sample.subjects``); -1 on rows about no object ("Is there a …?" answered no).
     """
 
     pixel_values: torch.Tensor
     patch_classes: torch.Tensor
+    patch_boxes: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
@@ -135,10 +137,19 @@ class BatchBuilder:
         self.weights = self.weights / self.weights.sum()
 
     def samples(self, scene: Scene, rng: np.random.Generator) -> list[Sample]:
-        """Conversations about one scene, tasks drawn by weight (re-drawn when a task cannot be posed)."""
+        """Conversations about one scene, tasks drawn by weight (re-drawn when a task cannot be posed).
+
+        Locate questions about one scene go to different objects while there are any left: the same picture asked
+        for two objects with two answers is the plainest lesson in binding the words to the object.
+        """
         out: list[Sample] = []
+        order = list(rng.permutation(len(scene.objects))) if scene.objects else []
         while len(out) < self.samples_per_scene:
-            sample = make_sample(scene, str(rng.choice(self.tasks, p=self.weights)), rng)
+            task = str(rng.choice(self.tasks, p=self.weights))
+            subject = None
+            if task == "locate" and order:
+                subject = int(order.pop())
+            sample = make_sample(scene, task, rng, subject=subject)
             if sample is not None:
                 out.append(sample)
         return out
@@ -150,17 +161,21 @@ class BatchBuilder:
         if scenes is None:
             scenes = [render_scene(rng, max_objects=max_objects) for _ in range(num_scenes)]
         config = self.config
-        pixels, classes, rows = [], [], []
+        pixels, classes, patch_boxes, rows = [], [], [], []
         for s_index, scene in enumerate(scenes):
             pixels.append(vision_pixel_values(scene.image, self.image_size))
             coverage = patch_coverage(scene, self.image_size, self.patch_size)
+            geometry = ImageGeometry(scene.width, scene.height)
             best = coverage.argmax(0) if len(scene.objects) else np.zeros(coverage.shape[1], dtype=np.int64)
             patch_class = np.zeros(coverage.shape[1], dtype=np.int64)
+            patch_box = torch.zeros(coverage.shape[1], 4)
+            object_boxes = boxes_to_square(np.asarray([o.box for o in scene.objects]).reshape(-1, 4), geometry)
             for i, obj in enumerate(scene.objects):
                 hit = (best == i) & (coverage[i] >= PATCH_COVERAGE)
                 patch_class[hit] = object_class(obj.colour, obj.shape)
+                patch_box[torch.from_numpy(hit)] = object_boxes[i]
             classes.append(torch.from_numpy(patch_class))
-            geometry = ImageGeometry(scene.width, scene.height)
+            patch_boxes.append(patch_box)
             rows.extend((s_index, scene, sample, geometry, coverage) for sample in self.samples(scene, rng))
         ids_list, starts = [], []
         for _, _, sample, _, _ in rows:
@@ -176,7 +191,7 @@ class BatchBuilder:
         labels = torch.full((batch, length), -100, dtype=torch.long)
         target_patches = torch.full((batch, coverage.shape[1]), -1.0)
         boxes, at_rows, at_positions, at_targets = [], [], [], []
-        for row, ((_, scene, sample, geometry, cov), ids, start) in enumerate(zip(rows, ids_list, starts, strict=True)):
+        for row, ((_, _, sample, geometry, cov), ids, start) in enumerate(zip(rows, ids_list, starts, strict=True)):
             tensor = torch.tensor(ids)
             input_ids[row, : len(ids)] = tensor
             attention[row, : len(ids)] = 1
@@ -192,12 +207,12 @@ class BatchBuilder:
                 at_rows.append(row)
                 at_positions.append(position)
                 at_targets.append(square[len(sample.boxes_in) + k])
-            if sample.task == "locate":
-                target = next(i for i, o in enumerate(scene.objects) if o.box == sample.boxes_out[0])
-                target_patches[row] = torch.from_numpy(cov[target])
+            if sample.subjects:
+                target_patches[row] = torch.from_numpy(cov[list(sample.subjects)].sum(0))
         return Batch(
             pixel_values=torch.stack(pixels),
             patch_classes=torch.stack(classes),
+            patch_boxes=torch.stack(patch_boxes),
             input_ids=input_ids,
             attention_mask=attention,
             labels=labels,

@@ -16,7 +16,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class EvalReport:
     question_acc: float
     question_cases: int
     seconds: float
+    locate_by_objects: dict[int, float] = field(default_factory=dict)
 
     def table(self) -> str:
         rows = [
@@ -58,6 +59,8 @@ class EvalReport:
         ]
         lines = [f"held-out scenes: {self.scenes} ({self.seconds:.0f} s)", f"{'metric':<20} {'value':>8}  cases"]
         lines += [f"{name:<20} {value:>8}  {cases}" for name, value, cases in rows]
+        by_count = ", ".join(f"{n}: {100 * acc:.1f} %" for n, acc in sorted(self.locate_by_objects.items()))
+        lines.append(f"locate Acc@0.5 by objects in the scene: {by_count}")
         return "\n".join(lines)
 
 
@@ -82,12 +85,14 @@ def held_out_scenes(count: int, seed: int = 1) -> list[Scene]:
     return [render_scene(rng) for _ in range(count)]
 
 
-def evaluate(pipeline: NextChatPipeline, scenes: list[Scene], seed: int = 1, chunk: int = 16) -> EvalReport:
-    """Run every task over ``scenes`` in batches of ``chunk`` scenes."""
+def evaluate(
+    pipeline: NextChatPipeline, scenes: list[Scene], seed: int = 1, chunk: int = 16, masks: bool = True
+) -> EvalReport:
+    """Run every task over ``scenes`` in batches of ``chunk`` scenes (``masks=False`` skips SAM: IoU reads 0)."""
     started = time.perf_counter()
     engine, tokenizer = pipeline.engine, pipeline.tokenizer
     rng = np.random.default_rng([EVAL_STREAM, seed, 1])
-    located, ious, described, answered = [], [], [], []
+    located, ious, described, answered, crowd = [], [], [], [], []
     for first in range(0, len(scenes), chunk):
         group = scenes[first : first + chunk]
         encoded = engine.encode_images([s.image for s in group])
@@ -111,13 +116,16 @@ def evaluate(pipeline: NextChatPipeline, scenes: list[Scene], seed: int = 1, chu
                     requests.append(GenerationRequest(ids, image=image, max_new_tokens=8))
                     kinds.append(("question", scene, sample, image))
         results = engine.run_batch(requests)
-        sam_images = dict(zip(map(id, group), engine.encode_sam_images([s.image for s in group]), strict=True))
+        sam_images = {}
+        if masks:
+            sam_images = dict(zip(map(id, group), engine.encode_sam_images([s.image for s in group]), strict=True))
         for (kind, scene, item, image), result in zip(kinds, results, strict=True):
             answer = answer_from_result(tokenizer, result, image.geometry)
             if kind == "locate":
                 obj = answer.objects[0] if answer.objects else None
                 located.append(obj is not None and box_iou(obj.box, item.box) >= 0.5)
-                if obj is None:
+                crowd.append(len(scene.objects))
+                if obj is None or not masks:
                     ious.append(0.0)
                     continue
                 (mask,) = pipeline.segment(sam_images[id(scene)], [obj])
@@ -137,6 +145,7 @@ def evaluate(pipeline: NextChatPipeline, scenes: list[Scene], seed: int = 1, chu
         question_acc=float(np.mean(answered)),
         question_cases=len(answered),
         seconds=time.perf_counter() - started,
+        locate_by_objects={n: float(np.mean(np.asarray(located)[np.asarray(crowd) == n])) for n in sorted(set(crowd))},
     )
 
 

@@ -9,10 +9,10 @@ The paper's recipe at small scale:
 - **Stage 1/2** (language + location): next-token loss on the answers, box loss ``2·L1 + 0.8·(1 − GIoU)`` on
   ``loc_decoder`` at every answer ``<at>``, and both cycle losses (``loc_encoder(loc_decoder(h)) ≈ h``, which here
   trains the box encoder alone, see ``stage12_loss``, and ``loc_decoder(loc_encoder(b)) ≈ b``). With no pretrained
-  CLIP here the tower trains too, helped by two auxiliary losses from the renderer's masks (the class of the object
-  in each patch, and for locate questions which patches hold the asked-for object); their heads are not part of the
-  model. The tower's position embeddings start as 2D sinusoids, and the first fifth of the steps shows at most two
-  objects a scene.
+  CLIP here the tower trains too, helped by auxiliary losses from the renderer's masks (the class and the box of the
+  object at each position, and for questions about particular objects which positions hold them, read after the
+  LLM's first layer and after its last); their heads are not part of the model. ``--curriculum-steps`` optionally
+  starts with at most two objects a scene (the shipped recipe does without).
 - **Stage 3** (masks): everything but SAM and ``seg_prompt_mlp`` frozen; ``20·focal + dice + MSE(IoU prediction)``
   on masks prompted by the ``<at>`` state with its predicted box, and by ``loc_encoder(box)`` with a given box (how
   masks for a caller's boxes are made).
@@ -67,39 +67,28 @@ class AuxHeads(nn.Module):
     def __init__(self, vision_width: int, hidden: int) -> None:
         super().__init__()
         self.patch_class = nn.Linear(vision_width, NUM_PATCH_CLASSES)
+        self.patch_box = nn.Linear(vision_width, 4)
         self.target_patch = nn.Linear(hidden, 1)
         self.target_patch_early = nn.Linear(hidden, 1)
 
 
-def forward_by_length(model: NextChatModel, embeds: torch.Tensor, mask: torch.Tensor, chunks: int = 2):
+def llm_hidden_states(model: NextChatModel, embeds: torch.Tensor, lengths: torch.Tensor, chunks: int = 2):
     """The LLM over right-padded rows, in chunks of similar length so short rows do not pay for the longest.
 
-    Returns final hidden states ``[B, T, hidden]``, the first layer's output ``[B, T, hidden]`` and logits
-    ``[B, T, vocab]``, all zero past each chunk's own length.
+    Rows are right-padded, so with causal attention no real position ever sees a pad: no attention mask is needed,
+    which keeps attention on its fast causal path. Returns the final-norm hidden states and the first layer's
+    output, both ``[B, T, hidden]`` (zero past each chunk's own length).
     """
-    lengths = mask.sum(1)
     order = lengths.argsort()
     hidden = embeds.new_zeros(embeds.shape)
     early = embeds.new_zeros(embeds.shape)
-    logits = embeds.new_zeros((*embeds.shape[:2], model.config.vocab_size))
-    captured: list[torch.Tensor] = []
-
-    def keep_first_layer(_module, _inputs, output) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    hook = model.model.layers[0].register_forward_hook(keep_first_layer)
-    try:
-        for rows in order.chunk(chunks):
-            length = int(lengths[rows].max())
-            positions = torch.arange(length)[None].expand(len(rows), -1)
-            h, lg, _ = model.forward_llm(embeds[rows, :length], mask[rows, :length], positions, use_cache=False)
-            pad = (0, 0, 0, embeds.shape[1] - length)
-            hidden = hidden.index_put((rows,), F.pad(h, pad))
-            early = early.index_put((rows,), F.pad(captured.pop(), pad))
-            logits = logits.index_put((rows,), F.pad(lg, (0, 0, 0, embeds.shape[1] - length)))
-    finally:
-        hook.remove()
-    return hidden, early, logits
+    for rows in order.chunk(chunks):
+        length = int(lengths[rows].max())
+        out = model.model(inputs_embeds=embeds[rows, :length], use_cache=False, output_hidden_states=True)
+        pad = (0, 0, 0, embeds.shape[1] - length)
+        hidden = hidden.index_put((rows,), F.pad(out.last_hidden_state, pad))
+        early = early.index_put((rows,), F.pad(out.hidden_states[1], pad))
+    return hidden, early
 
 
 def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict[str, torch.Tensor]:
@@ -107,8 +96,12 @@ def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict
     tower = model.model.vision_tower(batch.pixel_values)  # [S, N, mm_hidden]
     features = model.model.mm_projector(tower)
     embeds = model.embed_prompt(batch.input_ids, [features[s] for s in batch.scene_index], batch.boxes, ids)
-    hidden, early, logits = forward_by_length(model, embeds, batch.attention_mask)
-    losses = {"lm": F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100)}
+    hidden, early = llm_hidden_states(model, embeds, batch.attention_mask.sum(1))
+    # The language loss needs logits only where there is a label (the answers): a few positions a row, not ~90.
+    targets = batch.labels[:, 1:]
+    answer = targets != -100
+    logits = model.lm_head(hidden[:, :-1][answer]).float()
+    losses = {"lm": F.cross_entropy(logits, targets[answer])}
     if batch.at_rows.numel():
         h_at = hidden[batch.at_rows, batch.at_positions]
         pred = model.loc_decoder(h_at)
@@ -121,13 +114,19 @@ def stage12_loss(model: NextChatModel, aux: AuxHeads, batch: Batch, ids) -> dict
     if given.numel():
         losses["cycle_box"] = F.l1_loss(model.loc_decoder(model.loc_encoder(given)), given)
     losses["aux_patch"] = F.cross_entropy(aux.patch_class(tower).flatten(0, 1), batch.patch_classes.flatten())
+    # Every object position also regresses its object's box: the tower learns to carry each object's extent at its
+    # positions, so the LLM has only to find the right positions and copy what they hold.
+    foreground = batch.patch_classes > 0
+    if bool(foreground.any()):
+        losses["aux_box"] = 2.0 * F.l1_loss(aux.patch_box(tower)[foreground], batch.patch_boxes[foreground])
     rows = (batch.target_patches[:, 0] >= 0).nonzero().flatten()
     if rows.numel():
         image_rows = batch.input_ids == ids.im_patch
         image = hidden[image_rows].view(hidden.shape[0], -1, hidden.shape[-1])[rows]
         image_early = early[image_rows].view(hidden.shape[0], -1, hidden.shape[-1])[rows]
-        # Which patch holds the asked-for object, as one choice among all patches: a per-patch sigmoid is satisfied by
-        # telling objects from background, this can only be satisfied by telling the target from the other objects.
+        # Which positions hold the object(s) the question is about, as one choice among all positions: a
+        # per-position sigmoid is satisfied by telling objects from background, this only by telling the asked-for
+        # object from the others.
         coverage = batch.target_patches[rows]
         target = coverage / coverage.sum(1, keepdim=True).clamp(min=1e-6)
         losses["aux_target"] = 0.5 * F.cross_entropy(aux.target_patch(image)[..., 0], target)
@@ -247,18 +246,49 @@ def make_tokenizer(directory: Path, seed: int) -> NextChatTokenizer:
     return train_tokenizer(task_corpus(np.random.default_rng([seed, 999_999])), directory, VOCAB_PIECES, WHOLE_PIECES)
 
 
+def stage12_batch(builder: BatchBuilder, seed: int, step: int, scenes: int, curriculum_steps: int) -> Batch:
+    """The batch of one stage 1/2 step: a function of the seed and the step alone, so a resumed run sees the same."""
+    rng = np.random.default_rng([seed, step])
+    # Curriculum: one or two objects a scene for the first steps, if asked for.
+    return builder.build(rng, scenes, max_objects=2 if step < curriculum_steps else 4)
+
+
+def quick_eval(model: NextChatModel, tokenizer: NextChatTokenizer, scenes: int, masks: bool) -> dict:
+    """Held-out figures mid-run (the same evaluation as ``nextchat.demo.evaluate``, on fewer scenes)."""
+    from nextchat.demo.evaluate import evaluate, held_out_scenes
+    from nextchat.pipeline import NextChatPipeline
+
+    model.eval()
+    with torch.no_grad():
+        report = evaluate(NextChatPipeline(model, tokenizer), held_out_scenes(scenes), masks=masks)
+    model.train()
+    print(report.table(), file=sys.stderr)
+    return {
+        "locate": round(report.locate_acc50, 4),
+        "by_objects": {n: round(v, 3) for n, v in report.locate_by_objects.items()},
+        "mask_iou": round(report.mask_iou, 4),
+        "describe": round(report.description_acc, 4),
+        "questions": round(report.question_acc, 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, loss log)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=5000, help="stage 1/2 steps")
-    parser.add_argument("--mask-steps", type=int, default=250, help="stage 3 steps")
-    parser.add_argument("--scenes", type=int, default=16, help="scenes per step (3 conversations each)")
+    parser.add_argument("--steps", type=int, default=7000, help="stage 1/2 steps")
+    parser.add_argument("--mask-steps", type=int, default=2000, help="stage 3 steps")
+    parser.add_argument("--scenes", type=int, default=12, help="scenes per step")
+    parser.add_argument("--samples-per-scene", type=int, default=4, help="conversations about each scene")
+    parser.add_argument("--curriculum-steps", type=int, default=0, help="steps with at most two objects a scene")
     parser.add_argument("--mask-scenes", type=int, default=12, help="scenes per stage 3 step")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--mask-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=0, help="held-out figures every N steps (0: never)")
+    parser.add_argument("--eval-scenes", type=int, default=40)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
     parser.add_argument("--install", action="store_true", help="copy the final checkpoint into the package")
     args = parser.parse_args(argv)
@@ -297,25 +327,26 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(state, args.out / "state.tmp")
         (args.out / "state.tmp").replace(state_path)
 
-    builder = BatchBuilder(tokenizer, config, samples_per_scene=3)
+    builder = BatchBuilder(tokenizer, config, samples_per_scene=args.samples_per_scene)
     total = args.steps + args.mask_steps
     log = (args.out / "loss.jsonl").open("a")
+    stage3_started = False
     bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     while step < total:
         started = time.perf_counter()
-        rng = np.random.default_rng([args.seed, step])  # per-step streams: resuming reproduces the same data
         if step < args.steps:
             stage, opt, params = "1/2", opt12, [*stage12_params, *aux.parameters()]
-            lr = lr_at(step, args.steps, args.lr, 300)
-            # Curriculum: one or two objects a scene for the first fifth, so colour/shape binding starts easy.
-            max_objects = 2 if step < args.steps // 5 else 4
-            losses = stage12_loss(model, aux, builder.build(rng, args.scenes, max_objects), ids)
+            lr = lr_at(step, args.steps, args.lr, args.warmup)
+            batch = stage12_batch(builder, args.seed, step, args.scenes, args.curriculum_steps)
+            losses = stage12_loss(model, aux, batch, ids)
         else:
-            if step == args.steps:
-                for p in stage12_params:
+            if step == args.steps or not stage3_started:
+                for p in stage12_params:  # stage 3 trains the mask path alone, also after a resume
                     p.requires_grad_(False)
+                stage3_started = True
             stage, opt, params = "3", opt3, stage3_params
             lr = lr_at(step - args.steps, args.mask_steps, args.mask_lr, 100)
+            rng = np.random.default_rng([args.seed, step])
             losses = stage3_loss(model, tokenizer, rng, args.mask_scenes, ids)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -335,6 +366,10 @@ def main(argv: list[str] | None = None) -> None:
             log.flush()
         if step % args.save_every == 0 or step == total:
             save()
+        if args.eval_every and (step % args.eval_every == 0 or step == total):
+            figures = quick_eval(model, tokenizer, args.eval_scenes, masks=step > args.steps)
+            log.write(json.dumps({"step": step, "minutes": round(elapsed / 60, 2), "eval": figures}) + "\n")
+            log.flush()
     bar.close()
     model.eval()
     final = save_pretrained(model, tokenizer, args.out / "checkpoint")

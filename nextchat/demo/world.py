@@ -92,7 +92,9 @@ class Sample:
 
     Each ``"<at> <boxes>"`` in ``question`` / ``answer`` corresponds, in order, to one entry of
     ``boxes_in`` / ``boxes_out`` (pixel xyxy, exclusive max, original image frame); ``masks_out`` holds the
-    bool [H, W] visible masks matching ``boxes_out``.
+    bool [H, W] visible masks matching ``boxes_out``. ``subjects`` are the indices (into ``scene.objects``) of the
+    objects the question is about: the one to locate, describe or name an attribute of, the matches of "all the
+    circles", every object for a count or a grounded answer; empty when the asked-for object is absent.
     """
 
     task: str
@@ -101,6 +103,7 @@ class Sample:
     boxes_in: tuple[Box, ...]
     boxes_out: tuple[Box, ...]
     masks_out: tuple[np.ndarray, ...]
+    subjects: tuple[int, ...] = ()
 
 
 def plural(shape: str) -> str:
@@ -260,21 +263,23 @@ def render_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
     return Scene(image=image, objects=tuple(objects))
 
 
-def _left_to_right(objects: Sequence[ShapeObject]) -> list[ShapeObject]:
-    return sorted(objects, key=lambda o: (o.box[0], o.box[1]))
+def _left_to_right(objects: Sequence[ShapeObject], indices: Sequence[int]) -> list[int]:
+    """``indices`` into ``objects`` ordered by their boxes' left edge, then top edge."""
+    return sorted(indices, key=lambda i: (objects[i].box[0], objects[i].box[1]))
 
 
 def _answer(obj_list: Sequence[ShapeObject]) -> tuple[tuple[Box, ...], tuple[np.ndarray, ...]]:
     return tuple(o.box for o in obj_list), tuple(o.mask for o in obj_list)
 
 
-def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | None:
+def make_sample(scene: Scene, task: str, rng: np.random.Generator, subject: int | None = None) -> Sample | None:
     """Pose one question of the given task about ``scene``.
 
     Args:
         scene: The scene to ask about.
         task: One of ``TASKS``.
         rng: Source of randomness for the choice of object / attribute.
+        subject: For "locate" and "describe", the index of the object to ask about (random when None).
 
     Returns:
         The sample (boxes pixel xyxy, exclusive max, original image frame), or None when the task cannot be
@@ -284,7 +289,8 @@ def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | N
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     if task == "count":
-        return Sample(task, "How many shapes are there?", f"The answer is {len(objs)} .", (), (), ())
+        every = tuple(range(len(objs)))
+        return Sample(task, "How many shapes are there?", f"The answer is {len(objs)} .", (), (), (), every)
     if task == "exists":
         present = {(o.colour, o.shape) for o in objs}
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
@@ -292,28 +298,31 @@ def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | N
         if (want_yes and present) or not absent:
             colour, shape = sorted(present)[int(rng.integers(len(present)))]
             reply = "yes"
+            subjects = tuple(i for i, o in enumerate(objs) if (o.colour, o.shape) == (colour, shape))
         else:
             colour, shape = absent[int(rng.integers(len(absent)))]
-            reply = "no"
-        return Sample(task, f"Is there a {colour} {shape}?", f"The answer is {reply} .", (), (), ())
+            reply, subjects = "no", ()
+        return Sample(task, f"Is there a {colour} {shape}?", f"The answer is {reply} .", (), (), (), subjects)
     if not objs:
         return None
-    if task == "locate":
-        obj = objs[int(rng.integers(len(objs)))]
+    if task in ("locate", "describe"):
+        index = int(rng.integers(len(objs))) if subject is None else subject
+        obj = objs[index]
+        if task == "describe":
+            return Sample(task, f"Can you describe {BOX_TOKEN}?", f"A {obj.name} .", (obj.box,), (), (), (index,))
         boxes, masks = _answer([obj])
-        return Sample(task, f"Where is the {obj.name} in the image?", f"Answer: {BOX_TOKEN} .", (), boxes, masks)
-    if task == "describe":
-        obj = objs[int(rng.integers(len(objs)))]
-        return Sample(task, f"Can you describe {BOX_TOKEN}?", f"A {obj.name} .", (obj.box,), (), ())
+        question = f"Where is the {obj.name} in the image?"
+        return Sample(task, question, f"Answer: {BOX_TOKEN} .", (), boxes, masks, (index,))
     if task == "locate_all":
         by_shape = rng.random() < 0.5
         values = sorted({o.shape if by_shape else o.colour for o in objs})
         value = values[int(rng.integers(len(values)))]
-        matches = _left_to_right([o for o in objs if (o.shape if by_shape else o.colour) == value])
-        subject = plural(value) if by_shape else f"{value} shapes"
-        question = f"Where are all the {subject} in the image?"
-        boxes, masks = _answer(matches)
-        return Sample(task, question, f"Answer: {' '.join([BOX_TOKEN] * len(matches))} .", (), boxes, masks)
+        matches = _left_to_right(objs, [i for i, o in enumerate(objs) if (o.shape if by_shape else o.colour) == value])
+        words = plural(value) if by_shape else f"{value} shapes"
+        question = f"Where are all the {words} in the image?"
+        boxes, masks = _answer([objs[i] for i in matches])
+        answer = f"Answer: {' '.join([BOX_TOKEN] * len(matches))} ."
+        return Sample(task, question, answer, (), boxes, masks, tuple(matches))
     if task in ("colour", "shape"):
         attr = "shape" if task == "colour" else "colour"
         values = [getattr(o, attr) for o in objs]
@@ -321,17 +330,20 @@ def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | N
         if not unique:
             return None
         value = unique[int(rng.integers(len(unique)))]
-        obj = next(o for o in objs if getattr(o, attr) == value)
+        index = next(i for i, o in enumerate(objs) if getattr(o, attr) == value)
+        obj = objs[index]
         if task == "colour":
-            return Sample(task, f"What colour is the {value}?", f"The answer is {obj.colour} .", (), (), ())
-        return Sample(task, f"What shape is the {value} object?", f"The answer is {obj.shape} .", (), (), ())
+            return Sample(task, f"What colour is the {value}?", f"The answer is {obj.colour} .", (), (), (), (index,))
+        question = f"What shape is the {value} object?"
+        return Sample(task, question, f"The answer is {obj.shape} .", (), (), (), (index,))
     # grounded
-    ordered = _left_to_right(objs)
+    order = _left_to_right(objs, range(len(objs)))
+    ordered = [objs[i] for i in order]
     parts = [f"a {o.name} {BOX_TOKEN}" for o in ordered]
     answer = f"There is {parts[0]} ." if len(parts) == 1 else f"There are {' , '.join(parts[:-1])} and {parts[-1]} ."
     boxes, masks = _answer(ordered)
     question = "What shapes are in the image? Please mention related object locations."
-    return Sample(task, question, answer, (), boxes, masks)
+    return Sample(task, question, answer, (), boxes, masks, tuple(order))
 
 
 def sample_tasks(scene: Scene, rng: np.random.Generator, tasks: Sequence[str] | None = None) -> list[Sample]:

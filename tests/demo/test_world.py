@@ -272,3 +272,30 @@ def test_unposable_tasks_return_none() -> None:
 
 def test_plural() -> None:
     assert [world.plural(s) for s in SHAPES] == ["circles", "squares", "triangles"]
+
+
+def test_subjects_name_the_objects_each_question_is_about(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(5)
+    for scene in scenes[:60]:
+        objs = scene.objects
+        for task in TASKS:
+            sample = make_sample(scene, task, rng)
+            if sample is None:
+                continue
+            about = [objs[i] for i in sample.subjects]
+            if task in ("locate", "locate_all"):
+                assert tuple(o.box for o in about) == sample.boxes_out
+            elif task == "describe":
+                assert tuple(o.box for o in about) == sample.boxes_in
+                assert sample.answer == f"A {about[0].name} ."
+            elif task in ("count", "grounded"):
+                assert sorted(sample.subjects) == list(range(len(objs)))
+            elif task == "exists":
+                name = re.fullmatch(FORMATS["exists"][0], sample.question)[1]
+                assert [o.name for o in about] == ([name] if name in {o.name for o in objs} else [])
+            else:  # colour / shape: the one object the question singles out
+                (obj,) = about
+                assert obj.colour in sample.answer or obj.shape in sample.answer
+    scene = next(s for s in scenes if len(s.objects) >= 3)
+    picks = [make_sample(scene, "locate", rng, subject=i).subjects for i in range(len(scene.objects))]
+    assert picks == [(i,) for i in range(len(scene.objects))]
