@@ -1,5 +1,5 @@
 # make test  — create .venv, install the project and its dev tools, run the test suite
-# make demo  — create .venv, install, run the demo
+# make demo  — create .venv, install, run a scripted agent over stdio on the embedded demo model (CPU, ~1 min)
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
 # The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest --run-slow
 
 demo: $(STAMP)
-	$(PY) -m nextchat.tiny .cache/tiny-random-checkpoint
+	$(PY) examples/agent_workflow.py --out demo_output
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset auto --device cpu
@@ -38,4 +38,4 @@ lint: $(STAMP)
 	$(VENV)/bin/pyright
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache demo_output

@@ -10,16 +10,24 @@ import numpy as np
 import pytest
 
 from nextchat.demo.evaluate import box_iou, evaluate, held_out_scenes, names_object
-from nextchat.loading import demo_checkpoint_dir
 
-
-pytestmark = pytest.mark.skipif(
-    not (demo_checkpoint_dir() / "config.json").is_file(),
-    reason=f"the demo checkpoint is not installed at {demo_checkpoint_dir()} (python -m nextchat.demo.train --install)",
-)
 
 HELD_OUT_SEED = 2  # the README's figures use seed 1
 THRESHOLDS = {"locate_acc50": 0.85, "mask_iou": 0.70, "description_acc": 0.85, "question_acc": 0.80}
+
+
+def test_the_shipped_checkpoint_is_small_official_and_loads_strictly_by_name() -> None:
+    from nextchat.loading import demo_checkpoint_dir, load_model
+
+    directory = demo_checkpoint_dir()
+    files = {p.name for p in directory.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= files
+    assert sum(p.stat().st_size for p in directory.iterdir()) <= 25 * 2**20
+    model, tokenizer, report = load_model("demo", device="cpu")
+    assert report.ok and not report.missing and not report.unexpected
+    assert report.sources["checkpoint"] == str(directory)
+    assert model.config.vocab_size == tokenizer.vocab_size
+    assert not model.training
 
 
 @pytest.fixture(scope="module")

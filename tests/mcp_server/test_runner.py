@@ -22,15 +22,13 @@ from mcp_server.messages import (
     StepOutOfMemory,
 )
 from mcp_server.runner import NextChatRunner, ObjectState
-from nextchat.loading import demo_checkpoint_dir, load_model
+from nextchat.loading import load_model
 
 
 @pytest.fixture(scope="module", params=["tiny", "demo"])
 def loaded(request: pytest.FixtureRequest, tiny_checkpoint: Path):
-    """(model, tokenizer) of the tiny random checkpoint, and of the demo model when it is installed."""
+    """(model, tokenizer) of the tiny random checkpoint, and of the embedded demo model."""
     if request.param == "demo":
-        if not (demo_checkpoint_dir() / "config.json").is_file():
-            pytest.skip(f"the demo checkpoint is not installed at {demo_checkpoint_dir()}")
         net, tokenizer, _ = load_model("demo", device="cpu")
     else:
         net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
