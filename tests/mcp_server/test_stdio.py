@@ -1,6 +1,7 @@
 """The real thing: the server as a subprocess over stdio, driven by the SDK's stdio client and the Inspector CLI.
 
-The tiny random checkpoint keeps start-up fast; this is about the transport (nothing but protocol on stdout).
+Both start the server as a user would, with its default model (the embedded demo model), and check the transport
+(nothing but protocol on stdout) and that a real answer comes back through it.
 """
 
 import json
@@ -15,6 +16,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from support import png_data_uri
 
+from nextchat.demo.evaluate import box_iou
+
 
 pytestmark = pytest.mark.anyio
 
@@ -24,12 +27,10 @@ def server_params(*args: str) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=["-m", "mcp_server", *args], env=env)
 
 
-async def test_stdio_server_lists_tools_and_answers_a_call(scenes, tiny_checkpoint) -> None:
+async def test_stdio_server_lists_tools_and_answers_a_call(scenes) -> None:
     scene = scenes[1]
     with anyio.fail_after(120):
-        async with Client(
-            server_params("--model", str(tiny_checkpoint), "--ready-wait", "100")
-        ) as client:  # any stray byte on stdout would break this session
+        async with Client(server_params("--ready-wait", "100")) as client:  # a stray byte on stdout breaks this
             tools = (await client.list_tools()).tools
             assert {t.name for t in tools} >= {"locate_objects", "segment_object", "describe_region", "visual_qa"}
             assert all(t.output_schema for t in tools)
@@ -39,15 +40,16 @@ async def test_stdio_server_lists_tools_and_answers_a_call(scenes, tiny_checkpoi
             )
             assert not result.is_error, result.content
             assert result.structured_content["image"]["width"] == scene.width
+            assert box_iou(result.structured_content["objects"][0]["box"], target.box) >= 0.5
 
 
-def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path, tiny_checkpoint) -> None:
+def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path) -> None:
     """The MCP Inspector CLI (needs Node >= 22.19, fetched as the npm package node@22)."""
     npx = shutil.which("npx")
     if npx is None:
         pytest.skip("npx is not installed")
     base = [npx, "--yes", "-p", "node@22", "-p", "@modelcontextprotocol/inspector@latest", "mcp-inspector", "--cli",
-            sys.executable, "-m", "mcp_server", "--model", str(tiny_checkpoint), "--device", "cpu",
+            sys.executable, "-m", "mcp_server", "--device", "cpu",
             "--ready-wait", "120", "--allow-dir", str(tmp_path)]  # fmt: skip
     from PIL import Image
 
@@ -69,5 +71,7 @@ def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path, tiny_chec
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert called.returncode == 0, called.stderr[-600:] + called.stdout[-1500:]
-    assert json.loads(called.stdout)["structuredContent"]["image"]["width"] == scenes[2].width
-    assert np.isfinite(json.loads(called.stdout)["structuredContent"]["provenance"]["elapsed_ms"])
+    located = json.loads(called.stdout)["structuredContent"]
+    assert located["image"]["width"] == scenes[2].width
+    assert box_iou(located["objects"][0]["box"], scenes[2].objects[0].box) >= 0.5
+    assert np.isfinite(located["provenance"]["elapsed_ms"])
