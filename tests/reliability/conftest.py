@@ -1,4 +1,4 @@
-"""Reliability suite fixtures: a loopback-only network, the figures summary, tiny servers (helpers live in
+"""Reliability suite fixtures: a loopback-only network, the figures summary, the demo-model server (helpers live in
 reliability_support.py, importable from the test modules)."""
 
 import json
@@ -91,13 +91,14 @@ def allowed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_settings(tiny_checkpoint: Path, allowed_dir: Path) -> Settings:
-    return Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(allowed_dir,), ready_wait_s=120)
+def demo_settings(allowed_dir: Path) -> Settings:
+    return Settings(model="demo", device="cpu", allow_dirs=(allowed_dir,), ready_wait_s=120)
 
 
 @pytest.fixture(scope="session")
-def reliability_server(tiny_settings: Settings):
-    """The server on the tiny random checkpoint (answers are random but deterministic; mechanics are what count)."""
-    server = create_server(tiny_settings)
+def reliability_server(demo_settings: Settings):
+    """The server on the embedded demo model, the default a user gets (the fuzzed and nonce images are no shapes
+    scenes, so what it answers about them means little; that every request gets its own answer is what counts)."""
+    server = create_server(demo_settings)
     yield server
     server.state.executor.stop()

@@ -9,7 +9,6 @@ import gc
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 import anyio
 import pytest
@@ -66,13 +65,12 @@ async def test_32_concurrent_clients_lose_and_mix_up_nothing(reliability_server,
 
 
 @pytest.fixture(scope="module")
-def bounded_server(tiny_checkpoint: Path):
-    """A server whose model caches are small, so a few hundred distinct images already fill every bound."""
+def bounded_server():
+    """The demo-model server with small model caches, so a few hundred distinct images already fill every bound."""
     from mcp_server.runner import NextChatRunner
 
-    settings = Settings(model=str(tiny_checkpoint), device="cpu", ready_wait_s=120)
-    server = create_server(settings, runner_factory=lambda: NextChatRunner.load(str(tiny_checkpoint), "cpu",
-                                                                                cache_bytes=4 << 20))  # fmt: skip
+    settings = Settings(model="demo", device="cpu", ready_wait_s=120)
+    server = create_server(settings, runner_factory=lambda: NextChatRunner.load("demo", "cpu", cache_bytes=4 << 20))
     yield server
     server.state.executor.stop()
 

@@ -1,4 +1,4 @@
-"""R2: every tool's arguments fuzzed through the in-memory MCP client (both protocol modes) on the tiny server.
+"""R2: every tool's arguments fuzzed through the in-memory MCP client (both protocol modes) on the demo-model server.
 
 Each call starts from valid arguments and gets up to three perturbations: a value swapped for an odd one (wrong
 type, out of range, huge, odd Unicode, hostile image, SSRF URL, path escape, unknown handle), a key dropped, a key
