@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mcp_server.runner import NextChatRunner
+from mcp_server.runner import NextChatRunner, default_cpu_threads
 from mcp_server.server import create_server
 from mcp_server.settings import Settings
 from nextchat.configuration import build_nextchat_7b_336
@@ -396,7 +396,7 @@ def device_name(device: str) -> str:
          if line.startswith("model name")),
         platform.processor() or platform.machine(),
     ) if Path("/proc/cpuinfo").is_file() else (platform.processor() or platform.machine())  # fmt: skip
-    return f"{model} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+    return f"{model} ({os.cpu_count()} logical cores)"
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -405,6 +405,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"\n{report['model']} on {report['device']} ({report['device_name']}), torch {report['torch']}, "
         f"commit {report['commit']}\nworkload: {IMAGE_SIDE} px images (one each), prompt {w['prompt_text_tokens']} "
         f"text + {w['image_tokens']} image tokens, {w['new_tokens']} new tokens, locate_objects + segment_object\n"
+        f"torch threads: naive {report['torch_threads']['naive']}, batched {report['torch_threads']['batched']}\n"
     )
     header = f"{'path':8} {'conc':>4} {'reqs':>5} {'req/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'locate p50':>11} "
     print(header + f"{'segment p50':>12} {'peak GPU MiB':>13}")
@@ -525,8 +526,14 @@ def main(argv: list[str] | None = None) -> None:
                             max_queue=max(256, 2 * max(counts)), max_wait_ms=args.max_wait_ms,
                             request_timeout_s=3600.0, ready_wait_s=600.0, fixed_new_tokens=args.new_tokens)  # fmt: skip
 
+        # Each path gets its best CPU thread count: the naive path has the process to itself (torch's default, every
+        # core); the server keeps a core for its event loop, as NextChatRunner.load does.
+        threads = {"naive": torch.get_num_threads(), "batched": torch.get_num_threads()}
         print(f"naive path: {len(naive_items)} requests, one at a time ...", flush=True)
         naive = run_naive(NaivePath(net, tokenizer, args.new_tokens), naive_items, warmup[0], device)
+        if not device.startswith("cuda"):
+            threads["batched"] = default_cpu_threads()
+            torch.set_num_threads(threads["batched"])
         print(f"batched path: {', '.join(f'{n} requests at {c}' for c, n in counts.items())} ...", flush=True)
         batched = anyio.run(run_batched, runner, settings, points, warmup[1], device)
 
@@ -551,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
             "example_query": queries[0],
         },
         "server": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+        "torch_threads": threads,
         "results": [summary("naive", 1, naive)] + [summary("batched", c, t) for c, t in batched.items()],
     }
     ratio = report["results"][1 + sorted(counts).index(8)]["throughput_rps"] / report["results"][0]["throughput_rps"]

@@ -13,6 +13,7 @@ error that leaves the CUDA context unusable raises :class:`~mcp_server.messages.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +158,12 @@ class _Starting:
     request: GenerationRequest
 
 
+def default_cpu_threads() -> int:
+    """The usable cores (this process's affinity, where the platform has one) less one, at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 class NextChatRunner:
     """Runs :class:`~mcp_server.messages.Job` s on a loaded NExT-Chat model.
 
@@ -200,9 +207,18 @@ class NextChatRunner:
         *,
         cache_bytes: int = 512 << 20,
         fixed_new_tokens: int | None = None,
+        cpu_threads: int | None = None,
     ) -> NextChatRunner:
-        """Load a checkpoint (directory, hub id or ``demo``; see :func:`nextchat.load_model`) and run it."""
+        """Load a checkpoint (directory, hub id or ``demo``; see :func:`nextchat.load_model`) and run it.
+
+        On the CPU, torch gets ``cpu_threads`` threads (default: the usable cores less one). The event loop, the
+        protocol and image decoding run beside the model in the same process; with every core in torch's pool, each
+        parallel op waits for the core the event loop holds (on two cores: 16 against 29 requests/s, see
+        ``benchmarks/NOTES.md``).
+        """
         net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        if net.device.type == "cpu":
+            torch.set_num_threads(cpu_threads or default_cpu_threads())
         return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -146,7 +146,11 @@ def default_runner_factory(settings: Settings) -> Callable[[], Runner]:
         from mcp_server.runner import NextChatRunner
 
         return NextChatRunner.load(
-            settings.model, settings.device, settings.dtype, fixed_new_tokens=settings.fixed_new_tokens
+            settings.model,
+            settings.device,
+            settings.dtype,
+            fixed_new_tokens=settings.fixed_new_tokens,
+            cpu_threads=settings.cpu_threads,
         )
 
     return build

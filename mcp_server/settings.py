@@ -30,6 +30,7 @@ class Settings:
     handle_ttl_s: float = 3600.0
     drain_timeout_s: float = 30.0
     fixed_new_tokens: int | None = None
+    cpu_threads: int | None = None
 
 
 def _env_bool(name: str) -> bool | None:
@@ -130,6 +131,15 @@ def parser() -> argparse.ArgumentParser:
         help="benchmarking only: every generated answer is exactly N tokens (end-of-answer is suppressed), so runs "
         "compare; answers are then cut or padded with whatever the model says next",
     )
+    threads = env("NEXTCHAT_CPU_THREADS")
+    p.add_argument(
+        "--cpu-threads",
+        type=_positive_int,
+        default=_positive_int(threads) if threads else None,
+        metavar="N",
+        help="torch threads when the model runs on the CPU (default: the usable cores less one, which the protocol "
+        "side needs: with every core in torch's pool, each decode step waits for a core the event loop holds)",
+    )
     return p
 
 
@@ -153,4 +163,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ready_wait_s=args.ready_wait,
         drain_timeout_s=args.drain_timeout,
         fixed_new_tokens=args.fixed_new_tokens,
+        cpu_threads=args.cpu_threads,
     )

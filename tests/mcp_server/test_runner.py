@@ -215,3 +215,24 @@ def test_fixed_length_mode_generates_exactly_n_tokens_even_when_the_model_would_
         assert isinstance(outcome, GenerationOutcome)
         assert outcome.finish_reason == ("stop" if fixed is None else "length")
     assert lengths[0] == 0 and lengths[1] in (7, 8)  # 8 only when the 7th token is <at> (its <boxes> follows)
+
+
+def test_cpu_threads_leave_a_core_to_the_protocol_side_unless_told(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcp_server.runner import default_cpu_threads
+    from mcp_server.settings import parser, settings_from_args
+
+    monkeypatch.setenv("NEXTCHAT_CPU_THREADS", "3")
+    assert settings_from_args(parser().parse_args([])).cpu_threads == 3
+    assert settings_from_args(parser().parse_args(["--cpu-threads", "1"])).cpu_threads == 1
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--cpu-threads", "0"])
+    before = torch.get_num_threads()
+    try:
+        NextChatRunner.load(str(tiny_checkpoint), "cpu", cpu_threads=1)
+        assert torch.get_num_threads() == 1
+        NextChatRunner.load(str(tiny_checkpoint), "cpu")
+        assert torch.get_num_threads() == default_cpu_threads() >= 1
+    finally:
+        torch.set_num_threads(before)
