@@ -71,6 +71,9 @@ async def main() -> None:
         args=["-m", "mcp_server", "--model", args.model, "--allow-dir", str(image_path.parent.resolve())],
     )
     async with Client(server) as client:
+        tools = (await client.list_tools()).tools
+        print("tools: " + ", ".join(f"{t.name} ({'with' if t.output_schema else 'no'} outputSchema)" for t in tools))
+        await call(client, "status", {})
         located = await call(client, "locate_objects", {"image": str(image_path.resolve()), "query": query})
         if not located["found"]:
             raise SystemExit(f"nothing found for {query!r}")

@@ -122,24 +122,16 @@ def parser() -> argparse.ArgumentParser:
         default=float(env("NEXTCHAT_DRAIN_TIMEOUT", "30")),
         help="on SIGTERM, seconds admitted requests get to finish before the server exits",
     )
-    fixed = env("NEXTCHAT_FIXED_NEW_TOKENS")
-    p.add_argument(
-        "--fixed-new-tokens",
-        type=_positive_int,
-        default=_positive_int(fixed) if fixed else None,
-        metavar="N",
-        help="benchmarking only: every generated answer is exactly N tokens (end-of-answer is suppressed), so runs "
-        "compare; answers are then cut or padded with whatever the model says next",
-    )
-    threads = env("NEXTCHAT_CPU_THREADS")
-    p.add_argument(
-        "--cpu-threads",
-        type=_positive_int,
-        default=_positive_int(threads) if threads else None,
-        metavar="N",
-        help="torch threads when the model runs on the CPU (default: the usable cores less one, which the protocol "
-        "side needs: with every core in torch's pool, each decode step waits for a core the event loop holds)",
-    )
+    optional_counts = {
+        "--fixed-new-tokens": "benchmarking only: every generated answer is exactly N tokens (end-of-answer is "
+        "suppressed), so runs compare; answers are then cut or padded with whatever the model says next",
+        "--cpu-threads": "torch threads when the model runs on the CPU (default: the usable cores less one, which the "
+        "protocol side needs: with every core in torch's pool, each decode step waits for a core the event loop holds)",
+    }
+    for option, text in optional_counts.items():
+        twin = env("NEXTCHAT_" + option.removeprefix("--").replace("-", "_").upper())
+        default = _positive_int(twin) if twin else None
+        p.add_argument(option, type=_positive_int, default=default, metavar="N", help=text)
     return p
 
 
