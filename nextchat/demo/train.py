@@ -26,6 +26,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -246,15 +247,8 @@ def make_tokenizer(directory: Path, seed: int) -> NextChatTokenizer:
     return train_tokenizer(task_corpus(np.random.default_rng([seed, 999_999])), directory, VOCAB_PIECES, WHOLE_PIECES)
 
 
-def stage12_batch(builder: BatchBuilder, seed: int, step: int, scenes: int, curriculum_steps: int) -> Batch:
-    """The batch of one stage 1/2 step: a function of the seed and the step alone, so a resumed run sees the same."""
-    rng = np.random.default_rng([seed, step])
-    # Curriculum: one or two objects a scene for the first steps, if asked for.
-    return builder.build(rng, scenes, max_objects=2 if step < curriculum_steps else 4)
-
-
 def quick_eval(model: NextChatModel, tokenizer: NextChatTokenizer, scenes: int, masks: bool) -> dict:
-    """Held-out figures mid-run (the same evaluation as ``nextchat.demo.evaluate``, on fewer scenes)."""
+    """Held-out figures mid-run: ``nextchat.demo.evaluate``'s report (as its ``--json`` writes it) on fewer scenes."""
     from nextchat.demo.evaluate import evaluate, held_out_scenes
     from nextchat.pipeline import NextChatPipeline
 
@@ -263,13 +257,7 @@ def quick_eval(model: NextChatModel, tokenizer: NextChatTokenizer, scenes: int, 
         report = evaluate(NextChatPipeline(model, tokenizer), held_out_scenes(scenes), masks=masks)
     model.train()
     print(report.table(), file=sys.stderr)
-    return {
-        "locate": round(report.locate_acc50, 4),
-        "by_objects": {n: round(v, 3) for n, v in report.locate_by_objects.items()},
-        "mask_iou": round(report.mask_iou, 4),
-        "describe": round(report.description_acc, 4),
-        "questions": round(report.question_acc, 4),
-    }
+    return asdict(report)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,38 +318,38 @@ def main(argv: list[str] | None = None) -> None:
     builder = BatchBuilder(tokenizer, config, samples_per_scene=args.samples_per_scene)
     total = args.steps + args.mask_steps
     log = (args.out / "loss.jsonl").open("a")
-    stage3_started = False
+    stage12_frozen = False
     bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     while step < total:
         started = time.perf_counter()
+        rng = np.random.default_rng([args.seed, step])  # per-step streams: resuming reproduces the same data
         if step < args.steps:
             stage, opt, params = "1/2", opt12, [*stage12_params, *aux.parameters()]
             lr = lr_at(step, args.steps, args.lr, args.warmup)
-            batch = stage12_batch(builder, args.seed, step, args.scenes, args.curriculum_steps)
-            losses = stage12_loss(model, aux, batch, ids)
+            max_objects = 2 if step < args.curriculum_steps else 4
+            losses = stage12_loss(model, aux, builder.build(rng, args.scenes, max_objects), ids)
         else:
-            if step == args.steps or not stage3_started:
-                for p in stage12_params:  # stage 3 trains the mask path alone, also after a resume
+            if not stage12_frozen:  # stage 3 trains the mask path alone, also when a run resumes inside it
+                for p in stage12_params:
                     p.requires_grad_(False)
-                stage3_started = True
+                stage12_frozen = True
             stage, opt, params = "3", opt3, stage3_params
             lr = lr_at(step - args.steps, args.mask_steps, args.mask_lr, 100)
-            rng = np.random.default_rng([args.seed, step])
             losses = stage3_loss(model, tokenizer, rng, args.mask_scenes, ids)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = sum(losses.values())
+        loss = torch.stack(list(losses.values())).sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         elapsed += time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(stage=stage, loss=f"{float(loss):.3f}")
+        bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}")
         if step % 10 == 0 or step == total:
             record = {"step": step, "stage": stage, "lr": lr, "minutes": round(elapsed / 60, 2),
-                      **{k: round(float(v), 5) for k, v in losses.items()}}  # fmt: skip
+                      **{k: round(v.item(), 5) for k, v in losses.items()}}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             log.flush()
         if step % args.save_every == 0 or step == total:

@@ -24,7 +24,7 @@ def test_the_shipped_checkpoint_is_small_official_and_loads_strictly_by_name() -
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= files
     assert sum(p.stat().st_size for p in directory.iterdir()) <= 25 * 2**20
     model, tokenizer, report = load_model("demo", device="cpu")
-    assert report.ok and not report.missing and not report.unexpected
+    assert report.ok, (report.missing, report.unexpected)
     assert report.sources["checkpoint"] == str(directory)
     assert model.config.vocab_size == tokenizer.vocab_size
     assert not model.training
