@@ -18,9 +18,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
+from nextchat.kv_cache import BatchKVCache
 from nextchat.modeling_nextchat import NextChatModel, TokenIds
 from nextchat.processing import ImageGeometry, mask_logits_to_original, sam_pixel_values, vision_pixel_values
 from nextchat.tokenization import AT, BOXES, IM_END, IM_PATCH, IM_START, NextChatTokenizer
@@ -130,13 +129,6 @@ def _cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))  # type: ignore[attr-defined]
 
 
-def _make_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
-
-
 class NextChatEngine:
     """Schedules NExT-Chat generation: prefill, decode steps, join and leave at step boundaries.
 
@@ -160,8 +152,13 @@ class NextChatEngine:
         )
         self._waiting: list[_Slot] = []
         self._active: list[_Slot] = []  # row i of the batch state
-        self._cache: object | None = None  # a transformers DynamicCache over the running rows
-        self._mask: torch.Tensor | None = None  # [B, T] 1 = real position
+        self._kv = self._new_cache()  # keys and values of the running rows
+
+    def _new_cache(self) -> BatchKVCache:
+        text = self.model.model.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = text.num_key_value_heads or text.num_attention_heads
+        return BatchKVCache(text.num_hidden_layers, kv_heads, head_dim, self.model.dtype, self.model.device)
 
     # ------------------------------------------------------------------------------------------------------------
     # Images
@@ -260,7 +257,7 @@ class NextChatEngine:
         """
         dropped = [s.request.request_id for s in itertools.chain(self._waiting, self._active)]
         self._waiting, self._active = [], []
-        self._cache, self._mask = None, None
+        self._kv = self._new_cache()
         return dropped
 
     @torch.inference_mode()
@@ -329,18 +326,13 @@ class NextChatEngine:
 
     def _decode(self) -> None:
         """One decode step for every running row."""
-        device = self.model.device
-        rows = len(self._active)
         embeds = torch.stack([s.next_embed for s in self._active if s.next_embed is not None])[:, None]
-        assert self._mask is not None
-        assert embeds.shape[0] == rows
-        self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
-        positions = torch.tensor([[s.next_position] for s in self._active], device=device)
-        first = torch.zeros(rows, dtype=torch.long, device=device)
-        hidden, logits, self._cache = self.model.forward_llm(embeds, self._mask, positions, self._cache, first)
+        assert embeds.shape[0] == len(self._active) == self._kv.rows
+        positions = torch.tensor([[s.next_position] for s in self._active], device=self.model.device)
+        hidden, logits = self.model.decode_step(embeds, positions, self._kv)
         for slot in self._active:
             slot.next_position += 1
-        self._consume(self._active, hidden[:, -1], logits, embeds[:, 0])
+        self._consume(self._active, hidden, logits, embeds[:, 0])
 
     def _consume(
         self, slots: list[_Slot], hidden: torch.Tensor, logits: torch.Tensor, input_embeds: torch.Tensor | None
@@ -407,32 +399,11 @@ class NextChatEngine:
                 slot.next_embed = embed
 
     def _join(self, slots: list[_Slot], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Append freshly prefilled rows to the running batch, left-padding the shorter side in time."""
-        if self._cache is None or self._mask is None:
-            self._active, self._cache, self._mask = list(slots), _make_cache(layers), mask
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        pad_old, pad_new = length - self._mask.shape[1], length - mask.shape[1]
-
-        def merged(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            return torch.cat([F.pad(old, (0, 0, pad_old, 0)), F.pad(new, (0, 0, pad_new, 0))])
-
-        self._cache = _make_cache(
-            [
-                (merged(ok, nk), merged(ov, nv))
-                for (ok, ov), (nk, nv) in zip(_cache_layers(self._cache), layers, strict=True)
-            ]
-        )
-        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+        """Append freshly prefilled rows to the running batch."""
+        self._kv.append(layers, mask)
         self._active.extend(slots)
 
     def _keep(self, rows: list[int]) -> None:
-        """Keep only the given rows of the running batch, dropping time columns that are padding in all of them."""
+        """Keep only the given rows of the running batch."""
         self._active = [self._active[r] for r in rows]
-        if not rows or self._mask is None or self._cache is None:
-            self._cache, self._mask = None, None
-            return
-        mask = self._mask[rows]
-        start = int((mask.sum(0) > 0).nonzero()[0])
-        self._mask = mask[:, start:]
-        self._cache = _make_cache([(k[rows, :, start:], v[rows, :, start:]) for k, v in _cache_layers(self._cache)])
+        self._kv.keep(rows)

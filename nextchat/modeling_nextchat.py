@@ -24,8 +24,10 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from nextchat.configuration import NextChatConfig, SamConfig
+from nextchat.kv_cache import BatchKVCache
 from nextchat.processing import SAM_MEAN, SAM_STD
 
 
@@ -33,6 +35,7 @@ SEG_PROMPT_TOKENS = 4  # seg_prompt_mlp emits this many SAM prompt tokens per <a
 
 # transformers renamed LlamaModel's ``past_key_values`` argument (and output field) to ``cache`` in 5.2x.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+_LAYER_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
 
 
 def mlp(*widths: int, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -331,6 +334,45 @@ class NextChatModel(nn.Module):
         else:
             logits = self.lm_head(hidden).float()
         return hidden, logits, getattr(out, _CACHE_ARG, None)
+
+    def decode_step(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new position for every running row, on the batch's own cache.
+
+        transformers' decoder layers, driven directly: ``LlamaModel.forward`` builds a 4D mask from the 2D padding
+        mask on every call, and its ``DynamicCache`` concatenates every layer's keys at every step; here the mask is
+        the cache's own and the new keys are written in place.
+
+        Args:
+            inputs_embeds: ``[B, 1, hidden]`` the rows' next inputs (B = ``cache.rows``).
+            position_ids: ``[B, 1]`` their positions (each row counts only its real tokens).
+            cache: the running rows' keys and values; gains one column.
+
+        Returns:
+            final-norm hidden states ``[B, hidden]`` and logits ``[B, vocab]`` (float32).
+        """
+        llm = self.model
+        mask = cache.step_mask()
+        if llm.config._attn_implementation != "sdpa":  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(inputs_embeds.dtype).min
+            )
+        position_embeddings = llm.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden = inputs_embeds
+        for layer in llm.layers[: llm.config.num_hidden_layers]:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **{_LAYER_CACHE_ARG: cache},
+            )
+            if isinstance(hidden, tuple):  # transformers before 5 returned (hidden_states, ...)
+                hidden = hidden[0]
+        cache.advance()
+        hidden = llm.norm(hidden)[:, -1]
+        return hidden, self.lm_head(hidden).float()
 
     # ------------------------------------------------------------------------------------------------------------
     # Masks

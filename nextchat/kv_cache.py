@@ -1,0 +1,149 @@
+"""The running batch's key/value cache: preallocated buffers that a decode step writes in place.
+
+transformers' ``DynamicCache`` concatenates every layer's keys and values at every step and has to be rebuilt when a
+request joins or leaves. :class:`BatchKVCache` holds, per layer, ``[row_capacity, kv_heads, capacity, head_dim]``
+buffers with shared time columns: column ``t`` is the same step for every row, rows are left-padded, and ``mask``
+says which columns of a row are real. A decode step writes column ``length`` of every row in place; a request that
+joins is copied into the next free rows, right-aligned to ``length``; rows that leave are compacted away. Buffers grow
+by doubling (after dropping columns that are padding in every row), so their shapes change rarely.
+
+It implements the one method of transformers' cache protocol that an attention layer calls, ``update``, so the
+library's own decoder layers run on it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class BatchKVCache:
+    """Keys and values of the running rows, in preallocated per-layer buffers.
+
+    Args:
+        num_layers, kv_heads, head_dim: the language model's attention shape.
+        dtype, device: those of the model.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.rows = 0  # rows in use (the running batch)
+        self.length = 0  # time columns in use
+        self.keys: list[torch.Tensor] = []  # per layer [row_capacity, kv_heads, capacity, head_dim]
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)  # [row_capacity, capacity], True = real
+        self._allocate(0, 0)
+
+    @property
+    def capacity(self) -> int:
+        """Time columns the buffers hold."""
+        return self.mask.shape[1]
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows the buffers hold."""
+        return self.mask.shape[0]
+
+    def _allocate(self, rows: int, columns: int) -> None:
+        shape = (rows, self.kv_heads, columns, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.mask = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
+
+    def _relayout(self, rows: int, columns: int, shift: int) -> None:
+        """New buffers of ``rows`` × ``columns``; the used region moves ``shift`` columns right (left when < 0)."""
+        old_keys, old_values, old_mask = self.keys, self.values, self.mask
+        self._allocate(rows, columns)
+        source = slice(max(0, -shift), self.length)
+        target = slice(max(0, shift), self.length + shift)
+        for layer in range(self.num_layers):
+            self.keys[layer][: self.rows, :, target] = old_keys[layer][: self.rows, :, source]
+            self.values[layer][: self.rows, :, target] = old_values[layer][: self.rows, :, source]
+        self.mask[: self.rows, target] = old_mask[: self.rows, source]
+        self.length += shift
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Rows joining and leaving (between steps)
+
+    def append(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows after the running ones.
+
+        Args:
+            layers: per layer ``(keys, values)`` ``[n, kv_heads, T, head_dim]`` of the new rows (left-padded).
+            mask: ``[n, T]`` 1 where the new rows' columns are real.
+
+        The new rows end at the current last column; when they are longer than the running rows, every running row
+        is padded on the left instead.
+        """
+        count, new_length = mask.shape
+        shift = max(0, new_length - self.length)
+        rows_needed = self.rows + count
+        if shift or rows_needed > self.row_capacity or self.length + shift > self.capacity:
+            rows = self.row_capacity if rows_needed <= self.row_capacity else max(rows_needed, 2 * self.row_capacity)
+            needed = self.length + shift
+            columns = self.capacity if needed <= self.capacity else max(needed, 2 * self.capacity)
+            self._relayout(rows, columns, shift)
+        columns = slice(self.length - new_length, self.length)
+        rows = slice(self.rows, rows_needed)
+        for layer, (keys, values) in enumerate(layers):
+            self.keys[layer][rows, :, columns] = keys
+            self.values[layer][rows, :, columns] = values
+        self.mask[rows] = False
+        self.mask[rows, columns] = mask.bool()
+        self.rows = rows_needed
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only the given running rows, in that order (the others leave)."""
+        count = len(rows)
+        if list(rows) != list(range(count)):  # the first rows staying as they are need no copy
+            index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+            used = slice(0, self.length)
+            for buffer in (*self.keys, *self.values):
+                buffer[:count, :, used] = buffer[index, :, used]
+            self.mask[:count] = self.mask[index]
+        self.mask[count:] = False
+        self.rows = count
+        if count == 0:
+            self.length = 0
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` more time columns: drop leading columns no row uses, then grow (doubling)."""
+        if self.length + columns <= self.capacity:
+            return
+        used = self.mask[: self.rows, : self.length].any(0).nonzero()
+        start = int(used[0]) if used.numel() else self.length
+        needed = self.length - start + columns
+        capacity = self.capacity if needed <= self.capacity else max(needed, 2 * self.capacity)
+        self._relayout(self.row_capacity, capacity, -start)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # A step
+
+    def step_mask(self, new_columns: int = 1) -> torch.Tensor:
+        """Mark the next ``new_columns`` real for every running row; their attention mask ``[rows, 1, 1, L]`` (bool).
+
+        ``L`` is ``length + new_columns``: the query of every new position may attend to every real column so far,
+        its own included (one new column per step, so no causal pattern is needed within the step).
+        """
+        if new_columns != 1:
+            raise ValueError("a decode step adds one column")
+        self.reserve(new_columns)
+        self.mask[: self.rows, self.length] = True
+        return self.mask[: self.rows, None, None, : self.length + 1]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' cache protocol: store this layer's new ``[rows, kv_heads, 1, head_dim]`` at column
+        ``length``; return the layer's keys and values so far ``[rows, kv_heads, length + 1, head_dim]``."""
+        end = self.length + key_states.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[: self.rows, :, self.length : end] = key_states
+        values[: self.rows, :, self.length : end] = value_states
+        return keys[: self.rows, :, :end], values[: self.rows, :, :end]
+
+    def advance(self, columns: int = 1) -> None:
+        """The step's columns are written in every layer: they now count as used."""
+        self.length += columns

@@ -1,0 +1,121 @@
+"""The running batch's cache: rows join right-aligned, leave compacted, buffers grow; a step equals the library's."""
+
+import torch
+
+from nextchat.engine import _cache_layers
+from nextchat.kv_cache import BatchKVCache
+
+
+LAYERS, HEADS, HEAD_DIM = 2, 3, 4
+
+
+def prefilled(
+    lengths: list[int], width: int, seed: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Left-padded rows of the given real lengths in ``width`` columns: per-layer keys/values and their mask."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(lengths), HEADS, width, HEAD_DIM)
+    layers = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) for _ in range(LAYERS)]
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    return layers, mask
+
+
+def real(cache: BatchKVCache, row: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's keys and values at its real columns ``[heads, n, head_dim]``, in time order."""
+    columns = cache.mask[row, : cache.length].nonzero().flatten()
+    return cache.keys[layer][row][:, columns], cache.values[layer][row][:, columns]
+
+
+def expected(layers, mask, row: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    columns = mask[row].nonzero().flatten()
+    return layers[layer][0][row][:, columns], layers[layer][1][row][:, columns]
+
+
+def new_cache() -> BatchKVCache:
+    return BatchKVCache(LAYERS, HEADS, HEAD_DIM, torch.float32, torch.device("cpu"))
+
+
+def test_rows_of_any_length_join_right_aligned_and_keep_their_real_columns() -> None:
+    cache = new_cache()
+    first = prefilled([3, 5], 5, seed=0)
+    cache.append(*first)
+    longer = prefilled([7], 7, seed=1)  # longer than the running rows: they are padded on the left
+    cache.append(*longer)
+    shorter = prefilled([2, 4], 4, seed=2)
+    cache.append(*shorter)
+    assert (cache.rows, cache.length) == (5, 7)
+    sources = [(first, 0), (first, 1), (longer, 0), (shorter, 0), (shorter, 1)]
+    for row, ((layers, mask), source_row) in enumerate(sources):
+        assert bool(cache.mask[row, cache.length - 1])  # every row ends at the last column
+        for layer in range(LAYERS):
+            for got, want in zip(real(cache, row, layer), expected(layers, mask, source_row, layer), strict=True):
+                assert torch.equal(got, want)
+
+
+def test_rows_that_leave_are_compacted_away_and_the_rest_keep_their_order() -> None:
+    cache = new_cache()
+    layers, mask = prefilled([2, 6, 4, 5], 6, seed=3)
+    cache.append(layers, mask)
+    cache.keep([3, 1])
+    assert cache.rows == 2
+    for row, source_row in ((0, 3), (1, 1)):
+        for layer in range(LAYERS):
+            for got, want in zip(real(cache, row, layer), expected(layers, mask, source_row, layer), strict=True):
+                assert torch.equal(got, want)
+    assert not bool(cache.mask[2:].any())
+    cache.keep([])
+    assert (cache.rows, cache.length) == (0, 0)
+
+
+def test_steps_write_in_place_and_the_buffers_grow_past_their_capacity() -> None:
+    cache = new_cache()
+    layers, mask = prefilled([1, 3], 3, seed=4)
+    cache.append(layers, mask)
+    reference = [[k.clone(), v.clone()] for k, v in layers]
+    generator = torch.Generator().manual_seed(5)
+    for step in range(20):
+        step_mask = cache.step_mask()
+        assert step_mask.shape == (cache.rows, 1, 1, cache.length + 1)
+        for layer in range(LAYERS):
+            key, value = torch.randn(2, cache.rows, HEADS, 1, HEAD_DIM, generator=generator)
+            keys, values = cache.update(key, value, layer)
+            reference[layer] = [torch.cat([reference[layer][0], key], 2), torch.cat([reference[layer][1], value], 2)]
+            assert keys.shape[2] == values.shape[2] == cache.length + 1
+            assert torch.equal(keys[:, :, -1:], key) and torch.equal(values[:, :, -1:], value)
+        cache.advance()
+        if step == 5:
+            cache.keep([0])  # the longer row leaves: the first two columns are now padding in every row
+            reference = [[k[:1], v[:1]] for k, v in reference]
+    full_mask = torch.cat([mask[:1], torch.ones(1, 20, dtype=torch.long)], 1)
+    assert cache.length == 21  # 23 columns written, the two dropped when the buffers were next full
+    for layer in range(LAYERS):
+        for got, want in zip(real(cache, 0, layer), expected([reference[layer]], full_mask, 0, 0), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_a_decode_step_on_it_equals_the_librarys_forward_with_a_dynamic_cache(tiny_parts) -> None:
+    model, _ = tiny_parts
+    text = model.model.config
+    generator = torch.Generator().manual_seed(6)
+    prompt = torch.randn(2, 9, text.hidden_size, generator=generator)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0  # row 0 is five tokens, left-padded
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        _, _, dynamic = model.forward_llm(prompt, mask, positions)
+        layers = [(k.clone(), v.clone()) for k, v in _cache_layers(dynamic)]
+        step = torch.randn(2, 1, text.hidden_size, generator=generator)
+        step_positions = torch.tensor([[5], [9]])
+        want_hidden, want_logits, _ = model.forward_llm(
+            step, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), step_positions, dynamic,
+            torch.zeros(2, dtype=torch.long),
+        )  # fmt: skip
+        head_dim = text.hidden_size // text.num_attention_heads
+        cache = BatchKVCache(text.num_hidden_layers, text.num_key_value_heads, head_dim, model.dtype, model.device)
+        cache.append(layers, mask)
+        hidden, logits = model.decode_step(step, step_positions, cache)
+    torch.testing.assert_close(hidden, want_hidden[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+    assert cache.length == 10
