@@ -18,7 +18,8 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def mask_png(mask: np.ndarray) -> bytes:
     """bool ``[H, W]`` → single-channel PNG, 0 outside and 255 inside."""
     buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG", optimize=True)
+    # zlib at its default level: optimize=True took 1.8 ms a 336 px mask on the event loop for 25 % fewer bytes.
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -59,8 +59,13 @@ class ImageGeometry:
 
 
 def expand_to_square(image: np.ndarray, fill: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """Paste an RGB uint8 ``[H, W, 3]`` image centred on a ``[L, L, 3]`` canvas of ``fill`` (official: white)."""
+    """Paste an RGB uint8 ``[H, W, 3]`` image centred on a ``[L, L, 3]`` canvas of ``fill`` (official: white).
+
+    A square image is returned as it is (not copied): there is nothing to paste.
+    """
     h, w = image.shape[:2]
+    if h == w:
+        return image
     side = max(h, w)
     canvas = np.empty((side, side, 3), dtype=np.uint8)
     canvas[...] = np.asarray(fill, dtype=np.uint8)
