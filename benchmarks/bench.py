@@ -17,6 +17,10 @@ is plain greedy decoding with a KV cache at batch 1, and the mask takes a fresh 
 stored object state) and a SAM encoding. The naive path gets decoded pixels and skips the protocol (image decoding,
 JSON, mask PNG), so the comparison leans in its favour.
 
+The two paths alternate in ``--rounds`` rounds (a naive chunk, then a chunk of every batched point), so a drift in the
+machine's speed reaches both; each path's throughput is its requests over the wall time of its own chunks. A batched
+chunk ends with its callers running out of work (the batch drains), which counts against the batched path.
+
 Prints p50/p95 latency and throughput of both paths, writes JSON and a PNG plot to ``--out``; the last line printed
 is the throughput ratio at concurrency 8.
 """
@@ -181,6 +185,10 @@ class Timings:
     segmented_by_box: int = 0
     peak_gpu_mib: float | None = None
 
+    def note_peak(self, mib: float | None) -> None:
+        if mib is not None:
+            self.peak_gpu_mib = max(mib, self.peak_gpu_mib or 0.0)
+
     def add(self, started: float, located: float, finished: float, by_id: bool) -> None:
         self.request.append(finished - started)
         self.locate.append(located - started)
@@ -241,35 +249,65 @@ async def tool_request(client: Any, item: Item, timings: Timings | None) -> None
         timings.add(started, after_locate, time.perf_counter(), bool(objects))
 
 
-async def run_batched(
-    runner: NextChatRunner, settings: Settings, points: dict[int, list[Item]], warmup: Item, device: str
-) -> dict[int, Timings]:
+async def run_point(client: Any, items: list[Item], concurrency: int, timings: Timings, device: str) -> None:
+    """``concurrency`` callers in a closed loop over ``items``; adds to ``timings`` (wall time included)."""
+    peak = track_gpu_memory(device)
+    queue = iter(items)
+
+    async def caller() -> None:
+        for item in queue:
+            await tool_request(client, item, timings)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as task_group:
+        for _ in range(concurrency):
+            task_group.start_soon(caller)
+    timings.wall_s += time.perf_counter() - started
+    timings.note_peak(peak())
+
+
+@dataclass
+class Rounds:
+    """The measurement plan: per round, a naive chunk and a chunk of every batched point, run one after another.
+
+    Interleaving puts both paths in every stretch of the run: a shared machine's speed drifts by tens of percent over
+    a minute, and a naive block measured before all batched ones would carry that drift into the ratio.
+    """
+
+    naive: list[list[Item]]
+    batched: list[dict[int, list[Item]]]
+
+
+async def run_rounds(
+    runner: NextChatRunner,
+    settings: Settings,
+    naive: NaivePath,
+    rounds: Rounds,
+    warmups: tuple[Item, Item],
+    device: str,
+    threads: dict[str, int],
+) -> tuple[Timings, dict[int, Timings]]:
+    """Both paths, round by round, in one process on one model object; torch's thread count switches with the path."""
     from mcp import Client
 
     server = create_server(settings, runner_factory=lambda: runner)
-    results: dict[int, Timings] = {}
+    naive_timings, batched = Timings(), {c: Timings() for c in rounds.batched[0]}
+    cpu = not device.startswith("cuda")
     try:
         async with Client(server) as client:
-            await tool_request(client, warmup, None)  # the executor's start, first-call costs
-            for concurrency, items in points.items():
-                peak = track_gpu_memory(device)
-                timings = Timings()
-                queue = iter(items)
-
-                async def caller(queue=queue, timings=timings) -> None:
-                    for item in queue:
-                        await tool_request(client, item, timings)
-
-                started = time.perf_counter()
-                async with anyio.create_task_group() as task_group:
-                    for _ in range(concurrency):
-                        task_group.start_soon(caller)
-                timings.wall_s = time.perf_counter() - started
-                timings.peak_gpu_mib = peak()
-                results[concurrency] = timings
+            naive.request(warmups[0], None)
+            await tool_request(client, warmups[1], None)  # the executor's start, first-call costs
+            for naive_items, points in zip(rounds.naive, rounds.batched, strict=True):
+                if cpu:
+                    torch.set_num_threads(threads["naive"])
+                run_naive(naive, naive_items, naive_timings, device)  # the server is idle meanwhile
+                if cpu:
+                    torch.set_num_threads(threads["batched"])
+                for concurrency, items in points.items():
+                    await run_point(client, items, concurrency, batched[concurrency], device)
     finally:
         server.state.executor.stop()  # type: ignore[attr-defined]
-    return results
+    return naive_timings, batched
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,16 +398,14 @@ class NaivePath:
             timings.add(started, after_locate, time.perf_counter(), bool(objects))
 
 
-def run_naive(naive: NaivePath, items: list[Item], warmup: Item, device: str) -> Timings:
-    naive.request(warmup, None)
+def run_naive(naive: NaivePath, items: list[Item], timings: Timings, device: str) -> None:
+    """The items one at a time; adds to ``timings`` (wall time included)."""
     peak = track_gpu_memory(device)
-    timings = Timings()
     started = time.perf_counter()
     for item in items:
         naive.request(item, timings)
-    timings.wall_s = time.perf_counter() - started
-    timings.peak_gpu_mib = peak()
-    return timings
+    timings.wall_s += time.perf_counter() - started
+    timings.note_peak(peak())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,8 +533,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=PRESETS, default="auto", help="auto: demo when installed, else tiny")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="batched-path caller counts")
-    p.add_argument("--requests", type=int, default=96, help="requests per batched point (at least 2 × callers)")
-    p.add_argument("--naive-requests", type=int, default=48, help="requests on the naive path")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=96,
+        help="requests per batched point over all rounds (each round's chunk is at least 4 × callers)",
+    )
+    p.add_argument("--naive-requests", type=int, default=48, help="requests on the naive path over all rounds")
+    p.add_argument("--rounds", type=int, default=3, help="naive and batched chunks alternate this many times")
     p.add_argument("--new-tokens", type=int, default=24, help="tokens every answer generates (fixed length)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
@@ -518,25 +560,36 @@ def main(argv: list[str] | None = None) -> None:
         net, tokenizer, label = load_preset(preset, device, Path(workdir))
         runner = NextChatRunner(net, tokenizer, fixed_new_tokens=args.new_tokens)
         pipeline = runner.pipeline
-        counts = {c: max(args.requests, 2 * c) for c in sorted(set(args.concurrency))}
-        points = {c: workload(n, seed=100 + c, pipeline=pipeline) for c, n in counts.items()}
-        naive_items = workload(args.naive_requests, seed=1, pipeline=pipeline)
+        rounds = max(1, args.rounds)
+        chunk = {c: max(-(-args.requests // rounds), 4 * c) for c in sorted(set(args.concurrency))}
+        points = {c: workload(n * rounds, seed=100 + c, pipeline=pipeline) for c, n in chunk.items()}
+        naive_items = workload(max(args.naive_requests, rounds), seed=1, pipeline=pipeline)
         warmup = workload(2, seed=2, pipeline=pipeline)
+        plan = Rounds(
+            naive=[naive_items[r::rounds] for r in range(rounds)],
+            batched=[
+                {c: items[r * chunk[c] : (r + 1) * chunk[c]] for c, items in points.items()} for r in range(rounds)
+            ],
+        )
         settings = Settings(model=preset, device=device, max_batch=args.max_batch,
-                            max_queue=max(256, 2 * max(counts)), max_wait_ms=args.max_wait_ms,
+                            max_queue=max(256, 2 * max(chunk)), max_wait_ms=args.max_wait_ms,
                             request_timeout_s=3600.0, ready_wait_s=600.0, fixed_new_tokens=args.new_tokens)  # fmt: skip
 
         # Each path gets its best CPU thread count: the naive path has the process to itself (torch's default, every
         # core); the server keeps a core for its event loop, as NextChatRunner.load does.
         threads = {"naive": torch.get_num_threads(), "batched": torch.get_num_threads()}
-        print(f"naive path: {len(naive_items)} requests, one at a time ...", flush=True)
-        naive = run_naive(NaivePath(net, tokenizer, args.new_tokens), naive_items, warmup[0], device)
         if not device.startswith("cuda"):
             threads["batched"] = default_cpu_threads()
-            torch.set_num_threads(threads["batched"])
-        print(f"batched path: {', '.join(f'{n} requests at {c}' for c, n in counts.items())} ...", flush=True)
-        batched = anyio.run(run_batched, runner, settings, points, warmup[1], device)
-
+        print(
+            f"{rounds} rounds of: {len(plan.naive[0])} naive requests one at a time, then "
+            + ", ".join(f"{n} batched at {c}" for c, n in chunk.items())
+            + " ...",
+            flush=True,
+        )
+        naive_path = NaivePath(net, tokenizer, args.new_tokens)
+        naive, batched = anyio.run(
+            run_rounds, runner, settings, naive_path, plan, (warmup[0], warmup[1]), device, threads
+        )
     queries = [item.query for item in naive_items]
     report: dict[str, Any] = {
         "preset": preset,
@@ -558,10 +611,11 @@ def main(argv: list[str] | None = None) -> None:
             "example_query": queries[0],
         },
         "server": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+        "rounds": rounds,
         "torch_threads": threads,
         "results": [summary("naive", 1, naive)] + [summary("batched", c, t) for c, t in batched.items()],
     }
-    ratio = report["results"][1 + sorted(counts).index(8)]["throughput_rps"] / report["results"][0]["throughput_rps"]
+    ratio = report["results"][1 + sorted(chunk).index(8)]["throughput_rps"] / report["results"][0]["throughput_rps"]
     report["throughput_ratio_c8"] = round(ratio, 3)
     args.out.mkdir(parents=True, exist_ok=True)
     kind = "cuda" if device.startswith("cuda") else "cpu"
