@@ -32,6 +32,7 @@ from mcp_server.messages import (
     Outcome,
     StepOutOfMemory,
 )
+from nextchat.decode_graphs import DecodeMode
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
 from nextchat.loading import load_model
 from nextchat.modeling_nextchat import NextChatModel
@@ -172,6 +173,8 @@ class NextChatRunner:
         cache_bytes: budget of each of the two image caches (vision features, SAM embeddings).
         fixed_new_tokens: for benchmarks: every free generation makes exactly this many tokens (EOS is banned), one
             more only when the last is ``<at>`` (its ``<boxes>`` completes the object).
+        cuda_graphs: on a CUDA device, replay decode steps from captured graphs (``nextchat.decode_graphs``);
+            off, or on any other device, they run eagerly.
     """
 
     def __init__(
@@ -181,10 +184,12 @@ class NextChatRunner:
         *,
         cache_bytes: int = 512 << 20,
         fixed_new_tokens: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if fixed_new_tokens is not None and fixed_new_tokens < 1:
             raise ValueError("fixed_new_tokens must be at least 1")
-        self.pipeline = NextChatPipeline(net, tokenizer)
+        self.decode_mode: DecodeMode = "graphs" if cuda_graphs and net.device.type == "cuda" else "eager"
+        self.pipeline = NextChatPipeline(net, tokenizer, self.decode_mode)
         self.engine = self.pipeline.engine
         self.device = str(net.device)
         self.dtype = str(net.dtype).removeprefix("torch.")
@@ -208,6 +213,7 @@ class NextChatRunner:
         cache_bytes: int = 512 << 20,
         fixed_new_tokens: int | None = None,
         cpu_threads: int | None = None,
+        cuda_graphs: bool = True,
     ) -> NextChatRunner:
         """Load a checkpoint (directory, hub id or ``demo``; see :func:`nextchat.load_model`) and run it.
 
@@ -219,7 +225,7 @@ class NextChatRunner:
         net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
         if net.device.type == "cpu":
             torch.set_num_threads(cpu_threads or default_cpu_threads())
-        return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens)
+        return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

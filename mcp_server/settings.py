@@ -31,6 +31,7 @@ class Settings:
     drain_timeout_s: float = 30.0
     fixed_new_tokens: int | None = None
     cpu_threads: int | None = None
+    cuda_graphs: bool = True
 
 
 def _env_bool(name: str) -> bool | None:
@@ -68,6 +69,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a directory whose images may be read (repeatable; NEXTCHAT_ALLOW_DIRS, ':'-separated); "
         "with none, no local file is readable",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        default=bool(_env_bool("NEXTCHAT_NO_CUDA_GRAPHS")),
+        help="on a GPU, run decode steps eagerly instead of replaying captured CUDA graphs (for debugging and "
+        "comparison; graphs are faster)",
     )
     p.add_argument(
         "--no-urls",
@@ -156,4 +164,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         drain_timeout_s=args.drain_timeout,
         fixed_new_tokens=args.fixed_new_tokens,
         cpu_threads=args.cpu_threads,
+        cuda_graphs=not args.no_cuda_graphs,
     )

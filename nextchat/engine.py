@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from nextchat.decode_graphs import DecodeMode, DecodeStep
 from nextchat.kv_cache import BatchKVCache
 from nextchat.modeling_nextchat import NextChatModel, TokenIds
 from nextchat.processing import ImageGeometry, mask_logits_to_original, sam_pixel_values, vision_pixel_values
@@ -135,9 +136,13 @@ class NextChatEngine:
     Args:
         model: the network (eval mode).
         tokenizer: its tokenizer (special token ids come from here).
+        decode_mode: how decode steps run (:mod:`nextchat.decode_graphs`); default: CUDA graphs on a CUDA device,
+            eager elsewhere.
     """
 
-    def __init__(self, model: NextChatModel, tokenizer: NextChatTokenizer) -> None:
+    def __init__(
+        self, model: NextChatModel, tokenizer: NextChatTokenizer, decode_mode: DecodeMode | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.ids = TokenIds(
@@ -153,6 +158,7 @@ class NextChatEngine:
         self._waiting: list[_Slot] = []
         self._active: list[_Slot] = []  # row i of the batch state
         self._kv = self._new_cache()  # keys and values of the running rows
+        self._decode_step = DecodeStep(model, decode_mode or ("graphs" if model.device.type == "cuda" else "eager"))
 
     def _new_cache(self) -> BatchKVCache:
         text = self.model.model.config
@@ -329,7 +335,7 @@ class NextChatEngine:
         embeds = torch.stack([s.next_embed for s in self._active if s.next_embed is not None])[:, None]
         assert embeds.shape[0] == len(self._active) == self._kv.rows
         positions = torch.tensor([[s.next_position] for s in self._active], device=self.model.device)
-        hidden, logits = self.model.decode_step(embeds, positions, self._kv)
+        hidden, logits = self._decode_step(self._kv, embeds, positions)
         for slot in self._active:
             slot.next_position += 1
         self._consume(self._active, hidden, logits, embeds[:, 0])

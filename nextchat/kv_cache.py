@@ -34,6 +34,9 @@ class BatchKVCache:
         self.keys: list[torch.Tensor] = []  # per layer [row_capacity, kv_heads, capacity, head_dim]
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)  # [row_capacity, capacity], True = real
+        self.write_index = torch.zeros(1, dtype=torch.long, device=device)  # the step's column, on the device
+        self.layout = 0  # counts reallocations: buffers captured by a CUDA graph are valid while it is unchanged
+        self._window = (0, 0)  # rows × columns that the current step reads
         self._allocate(0, 0)
 
     @property
@@ -51,6 +54,7 @@ class BatchKVCache:
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.mask = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
+        self.layout += 1
 
     def _relayout(self, rows: int, columns: int, shift: int) -> None:
         """New buffers of ``rows`` × ``columns``; the used region moves ``shift`` columns right (left when < 0)."""
@@ -121,29 +125,42 @@ class BatchKVCache:
     # ------------------------------------------------------------------------------------------------------------
     # A step
 
-    def step_mask(self, new_columns: int = 1) -> torch.Tensor:
-        """Mark the next ``new_columns`` real for every running row; their attention mask ``[rows, 1, 1, L]`` (bool).
+    def begin_step(self, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
+        """Open column ``length`` for a decode step; the step's attention mask ``[rows, 1, 1, columns]`` (bool).
 
-        ``L`` is ``length + new_columns``: the query of every new position may attend to every real column so far,
-        its own included (one new column per step, so no causal pattern is needed within the step).
+        Every query may attend to every real column so far and to its own (one new column per step, so no causal
+        pattern is needed). By default the step covers exactly the running rows and ``length + 1`` columns. A CUDA
+        graph needs fixed shapes, so it asks for more: ``rows`` up to ``row_capacity`` (the rows past the running
+        ones are padding and attend only to their own new column, which keeps them finite) and ``columns`` up to
+        ``capacity`` (columns past the new one are masked). The new keys go in through a device-side index, so one
+        captured step serves every ``length`` inside its window.
         """
-        if new_columns != 1:
-            raise ValueError("a decode step adds one column")
-        self.reserve(new_columns)
-        self.mask[: self.rows, self.length] = True
-        return self.mask[: self.rows, None, None, : self.length + 1]
+        self.reserve(1)
+        rows = self.rows if rows is None else rows
+        columns = self.length + 1 if columns is None else columns
+        if not self.rows <= rows <= self.row_capacity or not self.length < columns <= self.capacity:
+            raise ValueError(
+                f"a step window of {rows} rows × {columns} columns does not cover {self.rows} rows × "
+                f"{self.length + 1} columns inside {self.row_capacity} × {self.capacity}"
+            )
+        self._window = (rows, columns)
+        self.write_index.fill_(self.length)
+        self.mask[:rows, self.length] = True
+        return self.mask[:rows, None, None, :columns]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' cache protocol: store this layer's new ``[rows, kv_heads, 1, head_dim]`` at column
-        ``length``; return the layer's keys and values so far ``[rows, kv_heads, length + 1, head_dim]``."""
-        end = self.length + key_states.shape[2]
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[: self.rows, :, self.length : end] = key_states
-        values[: self.rows, :, self.length : end] = value_states
-        return keys[: self.rows, :, :end], values[: self.rows, :, :end]
+        """transformers' cache protocol: store this layer's new ``[rows, kv_heads, 1, head_dim]`` at the step's
+        column; return the layer's keys and values in the step's window ``[rows, kv_heads, columns, head_dim]``."""
+        rows, columns = self._window
+        keys = self.keys[layer_idx][:rows, :, :columns]
+        values = self.values[layer_idx][:rows, :, :columns]
+        keys.index_copy_(2, self.write_index, key_states)
+        values.index_copy_(2, self.write_index, value_states)
+        return keys, values
 
-    def advance(self, columns: int = 1) -> None:
-        """The step's columns are written in every layer: they now count as used."""
-        self.length += columns
+    def end_step(self) -> None:
+        """The step's column is written in every layer: it now counts as used."""
+        self.length += 1
+        self._window = (0, 0)

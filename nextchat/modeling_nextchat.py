@@ -336,24 +336,26 @@ class NextChatModel(nn.Module):
         return hidden, logits, getattr(out, _CACHE_ARG, None)
 
     def decode_step(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: BatchKVCache
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new position for every running row, on the batch's own cache.
+        """One new position for each row of the step's window, on the batch's own cache.
 
         transformers' decoder layers, driven directly: ``LlamaModel.forward`` builds a 4D mask from the 2D padding
         mask on every call, and its ``DynamicCache`` concatenates every layer's keys at every step; here the mask is
-        the cache's own and the new keys are written in place.
+        the cache's own and the new keys are written in place. Only device work: a CUDA graph can capture it.
 
         Args:
-            inputs_embeds: ``[B, 1, hidden]`` the rows' next inputs (B = ``cache.rows``).
+            inputs_embeds: ``[B, 1, hidden]`` the rows' next inputs (B rows of the window opened by
+                :meth:`BatchKVCache.begin_step`).
             position_ids: ``[B, 1]`` their positions (each row counts only its real tokens).
-            cache: the running rows' keys and values; gains one column.
+            attention_mask: ``[B, 1, 1, L]`` bool, what ``begin_step`` returned.
+            cache: the running rows' keys and values, with a step open.
 
         Returns:
             final-norm hidden states ``[B, hidden]`` and logits ``[B, vocab]`` (float32).
         """
         llm = self.model
-        mask = cache.step_mask()
+        mask = attention_mask
         if llm.config._attn_implementation != "sdpa":  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(inputs_embeds.dtype).min
@@ -370,7 +372,6 @@ class NextChatModel(nn.Module):
             )
             if isinstance(hidden, tuple):  # transformers before 5 returned (hidden_states, ...)
                 hidden = hidden[0]
-        cache.advance()
         hidden = llm.norm(hidden)[:, -1]
         return hidden, self.lm_head(hidden).float()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nextchat.decode_graphs import DecodeMode
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, NextChatEngine, SamImage
 from nextchat.loading import load_model
 from nextchat.modeling_nextchat import NextChatModel
@@ -106,10 +107,12 @@ def answer_from_result(
 class NextChatPipeline:
     """NExT-Chat's tasks, one image at a time (greedy decoding, so results are deterministic)."""
 
-    def __init__(self, model: NextChatModel, tokenizer: NextChatTokenizer) -> None:
+    def __init__(
+        self, model: NextChatModel, tokenizer: NextChatTokenizer, decode_mode: DecodeMode | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = NextChatEngine(model, tokenizer)
+        self.engine = NextChatEngine(model, tokenizer, decode_mode)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str = "auto", dtype: str = "auto") -> NextChatPipeline:

@@ -236,3 +236,17 @@ def test_cpu_threads_leave_a_core_to_the_protocol_side_unless_told(
         assert torch.get_num_threads() == default_cpu_threads() >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_decode_steps_are_eager_off_cuda_and_graphs_can_be_switched_off(
+    tiny_parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcp_server.settings import parser, settings_from_args
+
+    assert settings_from_args(parser().parse_args([])).cuda_graphs
+    assert not settings_from_args(parser().parse_args(["--no-cuda-graphs"])).cuda_graphs
+    monkeypatch.setenv("NEXTCHAT_NO_CUDA_GRAPHS", "1")
+    assert not settings_from_args(parser().parse_args([])).cuda_graphs
+    model, tokenizer = tiny_parts
+    assert NextChatRunner(model, tokenizer).decode_mode == "eager"  # the CPU: graphs would need CUDA
+    assert NextChatRunner(model, tokenizer, cuda_graphs=False).decode_mode == "eager"

@@ -10,10 +10,11 @@ from nextchat.processing import boxes_to_square
 from nextchat.prompting import LOCATE_ANSWER_PREFIX, chat_prompt, locate_question, region_question, vqa_question
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_parts) -> NextChatEngine:
+@pytest.fixture(scope="module", params=["eager", "padded"])
+def engine(tiny_parts, request) -> NextChatEngine:
+    """Exact decode steps, and the padded windows CUDA graphs replay (run eagerly): every test holds for both."""
     model, tokenizer = tiny_parts
-    return NextChatEngine(model, tokenizer)
+    return NextChatEngine(model, tokenizer, decode_mode=request.param)
 
 
 def prompt(engine: NextChatEngine, message: str, prefix: str = "") -> list[int]:

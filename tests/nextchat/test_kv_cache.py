@@ -1,7 +1,9 @@
 """The running batch's cache: rows join right-aligned, leave compacted, buffers grow; a step equals the library's."""
 
+import pytest
 import torch
 
+from nextchat.decode_graphs import step_window
 from nextchat.engine import _cache_layers
 from nextchat.kv_cache import BatchKVCache
 
@@ -76,7 +78,7 @@ def test_steps_write_in_place_and_the_buffers_grow_past_their_capacity() -> None
     reference = [[k.clone(), v.clone()] for k, v in layers]
     generator = torch.Generator().manual_seed(5)
     for step in range(20):
-        step_mask = cache.step_mask()
+        step_mask = cache.begin_step()
         assert step_mask.shape == (cache.rows, 1, 1, cache.length + 1)
         for layer in range(LAYERS):
             key, value = torch.randn(2, cache.rows, HEADS, 1, HEAD_DIM, generator=generator)
@@ -84,7 +86,7 @@ def test_steps_write_in_place_and_the_buffers_grow_past_their_capacity() -> None
             reference[layer] = [torch.cat([reference[layer][0], key], 2), torch.cat([reference[layer][1], value], 2)]
             assert keys.shape[2] == values.shape[2] == cache.length + 1
             assert torch.equal(keys[:, :, -1:], key) and torch.equal(values[:, :, -1:], value)
-        cache.advance()
+        cache.end_step()
         if step == 5:
             cache.keep([0])  # the longer row leaves: the first two columns are now padding in every row
             reference = [[k[:1], v[:1]] for k, v in reference]
@@ -115,7 +117,59 @@ def test_a_decode_step_on_it_equals_the_librarys_forward_with_a_dynamic_cache(ti
         head_dim = text.hidden_size // text.num_attention_heads
         cache = BatchKVCache(text.num_hidden_layers, text.num_key_value_heads, head_dim, model.dtype, model.device)
         cache.append(layers, mask)
-        hidden, logits = model.decode_step(step, step_positions, cache)
+        hidden, logits = model.decode_step(step, step_positions, cache.begin_step(), cache)
+        cache.end_step()
     torch.testing.assert_close(hidden, want_hidden[:, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
     assert cache.length == 10
+
+
+def test_a_padded_window_gives_the_running_rows_the_exact_windows_results(tiny_parts) -> None:
+    model, _ = tiny_parts
+    text = model.model.config
+    head_dim = text.hidden_size // text.num_attention_heads
+    generator = torch.Generator().manual_seed(7)
+    prompt = torch.randn(4, 6, text.hidden_size, generator=generator)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    step = torch.randn(3, 1, text.hidden_size, generator=generator)
+    step_positions = positions[:3, -1:] + 1
+    results = []
+    with torch.inference_mode():
+        _, _, dynamic = model.forward_llm(prompt, mask, positions)
+        for window in (None, (4, 16)):  # exact; then 4 rows (one of padding) × 16 columns (9 masked)
+            cache = BatchKVCache(text.num_hidden_layers, text.num_key_value_heads, head_dim, model.dtype, model.device)
+            cache.append([(k.clone(), v.clone()) for k, v in _cache_layers(dynamic)], mask)
+            cache.keep([0, 1, 2])  # row 3 left: its stale keys stay in the buffer, as after any leave
+            cache.reserve(16)
+            rows = 3 if window is None else window[0]
+            inputs = torch.cat([step, torch.zeros(rows - 3, 1, text.hidden_size)])
+            where = torch.cat([step_positions, torch.zeros(rows - 3, 1, dtype=torch.long)])
+            attention = cache.begin_step() if window is None else cache.begin_step(*window)
+            hidden, logits = model.decode_step(inputs, where, attention, cache)
+            cache.end_step()
+            assert torch.isfinite(hidden).all()  # padding rows stay finite: they attend to their own column
+            results.append((hidden[:3], logits[:3], [k[:3, :, :7] for k in cache.keys]))
+    (hidden, logits, keys), (padded_hidden, padded_logits, padded_keys) = results
+    torch.testing.assert_close(padded_hidden, hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_logits, logits, atol=1e-5, rtol=1e-5)
+    for exact, padded in zip(keys, padded_keys, strict=True):
+        torch.testing.assert_close(padded, exact, atol=1e-6, rtol=1e-6)
+
+
+def test_a_window_must_cover_the_running_rows_and_the_new_column() -> None:
+    cache = new_cache()
+    cache.append(*prefilled([2, 3], 3, seed=8))
+    cache.reserve(8)
+    with pytest.raises(ValueError, match="does not cover"):
+        cache.begin_step(1, 8)  # fewer rows than are running
+    with pytest.raises(ValueError, match="does not cover"):
+        cache.begin_step(2, 3)  # the new column (index 3) is outside
+
+
+def test_step_windows_round_rows_to_powers_of_two_and_columns_to_buckets_within_capacity() -> None:
+    assert step_window(rows=1, length=0, row_capacity=32, capacity=1024, column_bucket=64) == (1, 64)
+    assert step_window(rows=3, length=63, row_capacity=32, capacity=1024, column_bucket=64) == (4, 64)
+    assert step_window(rows=5, length=64, row_capacity=32, capacity=1024, column_bucket=64) == (8, 128)
+    assert step_window(rows=17, length=710, row_capacity=20, capacity=720, column_bucket=64) == (20, 720)

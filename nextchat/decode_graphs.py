@@ -1,0 +1,149 @@
+"""The engine's decode step, run eagerly or replayed from CUDA graphs.
+
+On a GPU a decode step of a 7B model is a few hundred small kernels; launching them one by one from Python costs more
+than they take to run at small batches. A CUDA graph records the step once and replays it with one launch. A graph
+fixes every shape and address, so a step is padded to a *window*: rows up to the next power of two (within the
+cache's row capacity), columns up to the next multiple of ``column_bucket`` (within its capacity). One graph serves
+every step inside its window: the inputs are copied into static buffers, the new keys go in at a device-side index,
+and the mask hides the columns past the new one (see :meth:`BatchKVCache.begin_step`). Graphs belong to one cache
+layout; when the cache reallocates its buffers (it grows by doubling) they are dropped and captured again.
+
+Modes: ``eager`` (the CPU, and wherever graphs are off), ``graphs`` (CUDA), and ``padded``, which runs the graphs'
+padded windows eagerly: it checks on any machine that padding never changes a running row's result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nextchat.kv_cache import BatchKVCache
+from nextchat.modeling_nextchat import NextChatModel
+
+
+log = logging.getLogger(__name__)
+DecodeMode = Literal["eager", "padded", "graphs"]
+COLUMN_BUCKET = 64  # columns a window grows by: a graph serves 64 consecutive steps of the same rows
+
+
+def step_window(rows: int, length: int, row_capacity: int, capacity: int, column_bucket: int) -> tuple[int, int]:
+    """The padded window ``(rows, columns)`` of a step over ``rows`` running rows and ``length`` used columns.
+
+    Rows round up to a power of two and columns (the new one included) to a multiple of ``column_bucket``, each
+    within the buffers' capacity.
+    """
+    padded_rows = min(1 << max(0, rows - 1).bit_length(), row_capacity)
+    padded_columns = min(-(-(length + 1) // column_bucket) * column_bucket, capacity)
+    return padded_rows, padded_columns
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [rows, hidden], overwritten by every replay
+    logits: torch.Tensor  # [rows, vocab]
+
+
+@dataclass
+class _Layout:
+    """Static input buffers and graphs for one layout of one cache."""
+
+    key: tuple[int, int]  # (id of the cache, its layout counter)
+    embeds: torch.Tensor  # [row_capacity, 1, hidden]
+    positions: torch.Tensor  # [row_capacity, 1]
+    graphs: dict[tuple[int, int], _Captured] = field(default_factory=dict)
+
+
+class DecodeStep:
+    """Runs one decode step of the running batch on its :class:`BatchKVCache`.
+
+    Args:
+        model: the network.
+        mode: ``eager``, ``padded`` or ``graphs`` (CUDA only; see the module docstring).
+        column_bucket: columns a padded window grows by.
+    """
+
+    def __init__(self, model: NextChatModel, mode: DecodeMode = "eager", column_bucket: int = COLUMN_BUCKET) -> None:
+        if mode == "graphs" and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}")
+        self.model, self.mode, self.column_bucket = model, mode, column_bucket
+        self._layout: _Layout | None = None
+        self._pool = None
+
+    def __call__(
+        self, cache: BatchKVCache, embeds: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[R, 1, hidden]`` inputs and ``[R, 1]`` positions of the R running rows → their final-norm states
+        ``[R, hidden]`` and logits ``[R, vocab]`` (float32); the cache gains one column."""
+        rows = cache.rows
+        if self.mode == "eager":
+            hidden, logits = self.model.decode_step(embeds, positions, cache.begin_step(), cache)
+        else:
+            cache.reserve(1)  # may reallocate: the window is read off the buffers as they will be
+            window = step_window(rows, cache.length, cache.row_capacity, cache.capacity, self.column_bucket)
+            layout = self._layout_for(cache)
+            layout.embeds[:rows] = embeds
+            layout.positions[:rows] = positions
+            mask = cache.begin_step(*window)
+            if self.mode == "padded":
+                hidden, logits = self.model.decode_step(
+                    layout.embeds[: window[0]], layout.positions[: window[0]], mask, cache
+                )
+            else:
+                captured = layout.graphs.get(window) or self._capture(cache, layout, window, mask)
+                if captured is None:  # capture failed: this step and every later one run eagerly
+                    hidden, logits = self.model.decode_step(
+                        layout.embeds[: window[0]], layout.positions[: window[0]], mask, cache
+                    )
+                else:
+                    captured.graph.replay()
+                    hidden, logits = captured.hidden, captured.logits
+            hidden, logits = hidden[:rows].clone(), logits[:rows].clone()
+        cache.end_step()
+        return hidden, logits
+
+    def _layout_for(self, cache: BatchKVCache) -> _Layout:
+        key = (id(cache), cache.layout)
+        if self._layout is None or self._layout.key != key:
+            hidden = self.model.config.hidden_size
+            device = self.model.device
+            self._layout = _Layout(  # the old layout's graphs go with it
+                key,
+                torch.zeros((cache.row_capacity, 1, hidden), dtype=self.model.dtype, device=device),
+                torch.zeros((cache.row_capacity, 1), dtype=torch.long, device=device),
+            )
+        return self._layout
+
+    def _capture(
+        self, cache: BatchKVCache, layout: _Layout, window: tuple[int, int], mask: torch.Tensor
+    ) -> _Captured | None:
+        """Record the step for ``window``; None (and eager steps from now on) if this model cannot be captured.
+
+        The warm-up run and the captured one write the same column with the same inputs as the replay that follows,
+        so capturing leaves the cache as one step would.
+        """
+        rows = window[0]
+        embeds, positions = layout.embeds[:rows], layout.positions[:rows]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            side = torch.cuda.Stream(self.model.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the first run allocates what the graph will reuse
+                self.model.decode_step(embeds, positions, mask, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                hidden, logits = self.model.decode_step(embeds, positions, mask, cache)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            log.warning("decode steps run eagerly: capturing a CUDA graph failed (%s)", str(error).splitlines()[0])
+            self.mode = "eager"
+            return None
+        captured = _Captured(graph, hidden, logits)
+        layout.graphs[window] = captured
+        return captured
