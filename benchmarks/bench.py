@@ -441,7 +441,8 @@ def print_table(report: dict[str, Any]) -> None:
         f"\n{report['model']} on {report['device']} ({report['device_name']}), torch {report['torch']}, "
         f"commit {report['commit']}\nworkload: {IMAGE_SIDE} px images (one each), prompt {w['prompt_text_tokens']} "
         f"text + {w['image_tokens']} image tokens, {w['new_tokens']} new tokens, locate_objects + segment_object\n"
-        f"torch threads: naive {report['torch_threads']['naive']}, batched {report['torch_threads']['batched']}\n"
+        f"torch threads: naive {report['torch_threads']['naive']}, batched {report['torch_threads']['batched']}; "
+        f"decode steps: {report['server']['decode']}; {report['rounds']} rounds\n"
     )
     header = f"{'path':8} {'conc':>4} {'reqs':>5} {'req/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'locate p50':>11} "
     print(header + f"{'segment p50':>12} {'peak GPU MiB':>13}")
@@ -544,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=24, help="tokens every answer generates (fixed length)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="the server's --no-cuda-graphs (GPU: eager decode)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where JSON and PNG go")
     args = p.parse_args(argv)
     if 8 not in args.concurrency:
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="nextchat-bench-") as workdir:
         net, tokenizer, label = load_preset(preset, device, Path(workdir))
-        runner = NextChatRunner(net, tokenizer, fixed_new_tokens=args.new_tokens)
+        runner = NextChatRunner(net, tokenizer, fixed_new_tokens=args.new_tokens, cuda_graphs=not args.no_cuda_graphs)
         pipeline = runner.pipeline
         rounds = max(1, args.rounds)
         chunk = {c: max(-(-args.requests // rounds), 4 * c) for c in sorted(set(args.concurrency))}
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
             "tools": ["locate_objects", "segment_object(object_id)"],
             "example_query": queries[0],
         },
-        "server": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+        "server": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "decode": runner.decode_mode},
         "rounds": rounds,
         "torch_threads": threads,
         "results": [summary("naive", 1, naive)] + [summary("batched", c, t) for c, t in batched.items()],
