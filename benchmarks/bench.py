@@ -540,8 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         default=96,
         help="requests per batched point over all rounds (each round's chunk is at least 4 × callers)",
     )
-    p.add_argument("--naive-requests", type=int, default=48, help="requests on the naive path over all rounds")
-    p.add_argument("--rounds", type=int, default=3, help="naive and batched chunks alternate this many times")
+    p.add_argument("--naive-requests", type=int, default=64, help="requests on the naive path over all rounds")
+    p.add_argument("--rounds", type=int, default=4, help="naive and batched chunks alternate this many times")
     p.add_argument("--new-tokens", type=int, default=24, help="tokens every answer generates (fixed length)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
