@@ -413,10 +413,12 @@ def run_naive(naive: NaivePath, items: list[Item], timings: Timings, device: str
 
 
 def commit() -> str:
-    """The checked-out commit, with ``-dirty`` when the working tree has changes."""
+    """The checked-out commit, with ``-dirty`` when tracked files have changes (earlier results do not count)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
     except OSError:
         return "unknown"
     if head.returncode != 0:
