@@ -51,7 +51,7 @@ class _Captured:
 class _Layout:
     """Static input buffers and graphs for one layout of one cache."""
 
-    key: tuple[int, int]  # (id of the cache, its layout counter)
+    key: int  # the cache layout it was made for (numbers are unique across caches)
     embeds: torch.Tensor  # [row_capacity, 1, hidden]
     positions: torch.Tensor  # [row_capacity, 1]
     graphs: dict[tuple[int, int], _Captured] = field(default_factory=dict)
@@ -69,7 +69,8 @@ class DecodeStep:
     def __init__(self, model: NextChatModel, mode: DecodeMode = "eager", column_bucket: int = COLUMN_BUCKET) -> None:
         if mode == "graphs" and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}")
-        self.model, self.mode, self.column_bucket = model, mode, column_bucket
+        self.model, self.column_bucket = model, column_bucket
+        self.mode: DecodeMode = mode
         self._layout: _Layout | None = None
         self._pool = None
 
@@ -106,7 +107,7 @@ class DecodeStep:
         return hidden, logits
 
     def _layout_for(self, cache: BatchKVCache) -> _Layout:
-        key = (id(cache), cache.layout)
+        key = cache.layout
         if self._layout is None or self._layout.key != key:
             hidden = self.model.config.hidden_size
             device = self.model.device

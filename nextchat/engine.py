@@ -242,6 +242,11 @@ class NextChatEngine:
         return found
 
     @property
+    def decode_mode(self) -> DecodeMode:
+        """How decode steps run now (``graphs`` falls back to ``eager`` for good if a capture fails)."""
+        return self._decode_step.mode
+
+    @property
     def num_active(self) -> int:
         """Requests in the running batch."""
         return len(self._active)

@@ -13,9 +13,13 @@ library's own decoder layers run on it unchanged.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
+
+
+_LAYOUTS = itertools.count(1)  # numbers every allocation of every cache: a layout number is never reused
 
 
 class BatchKVCache:
@@ -35,7 +39,7 @@ class BatchKVCache:
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)  # [row_capacity, capacity], True = real
         self.write_index = torch.zeros(1, dtype=torch.long, device=device)  # the step's column, on the device
-        self.layout = 0  # counts reallocations: buffers captured by a CUDA graph are valid while it is unchanged
+        self.layout = 0  # the current buffers' number: a CUDA graph captured on them is valid while it is unchanged
         self._window = (0, 0)  # rows × columns that the current step reads
         self._allocate(0, 0)
 
@@ -54,7 +58,7 @@ class BatchKVCache:
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.mask = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
-        self.layout += 1
+        self.layout = next(_LAYOUTS)
 
     def _relayout(self, rows: int, columns: int, shift: int) -> None:
         """New buffers of ``rows`` × ``columns``; the used region moves ``shift`` columns right (left when < 0)."""

@@ -1,5 +1,7 @@
 """The generation engine: batching equals one-by-one, steps with joining and leaving, the <at> feedback path."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,25 @@ def test_prompt_with_wrong_image_block_is_rejected(engine: NextChatEngine, image
     with pytest.raises(ValueError, match="im_end"):
         engine.run_batch([GenerationRequest(broken, image=images[0])])
     assert not engine.has_work()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_steps_equal_eager_ones_with_requests_joining_and_leaving(tiny_parts) -> None:
+    model, tokenizer = tiny_parts
+    cuda_model = copy.deepcopy(model).to("cuda")
+    eager, graphs = (NextChatEngine(cuda_model, tokenizer, decode_mode=mode) for mode in ("eager", "graphs"))
+    images = eager.encode_images([make_image(96, 60, 1), make_image(50, 90, 2), make_image(64, 64, 3)])
+    requests = mixed_requests(eager, images)
+    expected = eager.run_batch(requests)
+    for engine in (graphs, graphs):  # the second run replays the graphs the first one captured
+        results = {}
+        engine.submit(requests[0])
+        engine.submit(requests[1])
+        engine.step()
+        engine.submit(requests[2])
+        engine.submit(requests[3])
+        while engine.has_work():
+            results.update({r.request_id: r for r in engine.step()})
+        for want in expected:
+            assert_same(results[want.request_id], want)
+    assert graphs.decode_mode == "graphs"  # no capture fell back to eager

@@ -173,3 +173,18 @@ def test_step_windows_round_rows_to_powers_of_two_and_columns_to_buckets_within_
     assert step_window(rows=3, length=63, row_capacity=32, capacity=1024, column_bucket=64) == (4, 64)
     assert step_window(rows=5, length=64, row_capacity=32, capacity=1024, column_bucket=64) == (8, 128)
     assert step_window(rows=17, length=710, row_capacity=20, capacity=720, column_bucket=64) == (20, 720)
+
+
+def test_every_allocation_gets_its_own_layout_number() -> None:
+    first, second = new_cache(), new_cache()
+    assert first.layout != second.layout  # a graph captured on one cache never replays on another
+    first.append(*prefilled([2], 2, seed=9))
+    grown = first.layout
+    assert grown != second.layout
+    first.reserve(1)  # room for a step: the buffers double
+    assert first.layout != grown
+    doubled = first.layout
+    first.begin_step()
+    first.end_step()
+    first.keep([0])
+    assert first.layout == doubled  # steps and leaving rows write in place
