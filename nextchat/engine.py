@@ -2,7 +2,10 @@
 
 Requests are prefilled together, then every active request advances one token per :meth:`NextChatEngine.step`.
 New requests join and finished or cancelled ones leave between steps. Rows are left-padded with an attention mask
-and per-row position ids, so a request's tokens and boxes do not depend on what it was batched with.
+and per-row position ids, so a request's tokens and boxes do not depend on what it was batched with. The prompt pass
+is transformers' own forward; its keys and values then move into the running batch's
+:class:`~nextchat.kv_cache.BatchKVCache`, on which decode steps run (eagerly, or replayed from CUDA graphs:
+:mod:`nextchat.decode_graphs`).
 
 The ``<at>`` feedback loop (greedy, as the official ``generate`` with ``num_beams=1``): the forward step whose
 input is ``<at>`` yields the final-norm state ``h_at``; its box is ``loc_decoder(h_at)``; the token that step
