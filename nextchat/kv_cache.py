@@ -20,6 +20,7 @@ import torch
 
 
 _LAYOUTS = itertools.count(1)  # numbers every allocation of every cache: a layout number is never reused
+TRIM_COLUMNS = 64  # leading columns no row uses, at which rows leaving shift the rest left (attention reads them)
 
 
 class BatchKVCache:
@@ -115,16 +116,33 @@ class BatchKVCache:
         self.rows = count
         if count == 0:
             self.length = 0
+        elif self._unused_prefix() >= TRIM_COLUMNS:
+            self._shift_left(self._unused_prefix())
 
     def reserve(self, columns: int) -> None:
         """Make room for ``columns`` more time columns: drop leading columns no row uses, then grow (doubling)."""
         if self.length + columns <= self.capacity:
             return
+        self._shift_left(self._unused_prefix())
+        needed = self.length + columns
+        if needed > self.capacity:
+            self._relayout(self.row_capacity, max(needed, 2 * self.capacity), 0)
+
+    def _unused_prefix(self) -> int:
+        """Leading columns that no running row uses."""
         used = self.mask[: self.rows, : self.length].any(0).nonzero()
-        start = int(used[0]) if used.numel() else self.length
-        needed = self.length - start + columns
-        capacity = self.capacity if needed <= self.capacity else max(needed, 2 * self.capacity)
-        self._relayout(self.row_capacity, capacity, -start)
+        return int(used[0]) if used.numel() else self.length
+
+    def _shift_left(self, start: int) -> None:
+        """Move the used columns ``[start, length)`` to the front, in the same buffers (a CUDA graph stays valid)."""
+        if start <= 0:
+            return
+        kept = slice(start, self.length)
+        for buffer in (*self.keys, *self.values):
+            buffer[: self.rows, :, : self.length - start] = buffer[: self.rows, :, kept].clone()
+        self.mask[: self.rows, : self.length - start] = self.mask[: self.rows, kept].clone()
+        self.mask[: self.rows, self.length - start : self.length] = False
+        self.length -= start
 
     # ------------------------------------------------------------------------------------------------------------
     # A step

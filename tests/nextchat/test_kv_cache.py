@@ -188,3 +188,18 @@ def test_every_allocation_gets_its_own_layout_number() -> None:
     first.end_step()
     first.keep([0])
     assert first.layout == doubled  # steps and leaving rows write in place
+
+
+def test_rows_leaving_a_long_unused_prefix_shift_the_rest_left_in_the_same_buffers() -> None:
+    cache = new_cache()
+    layers, mask = prefilled([100, 10], 100, seed=10)
+    cache.append(layers, mask)
+    layout = cache.layout
+    cache.keep([1])  # the long row leaves: 90 leading columns are now padding in every row
+    assert (cache.length, cache.layout) == (10, layout)  # shifted in place: a captured graph stays valid
+    for layer in range(LAYERS):
+        for got, want in zip(real(cache, 0, layer), expected(layers, mask, 1, layer), strict=True):
+            assert torch.equal(got, want)
+    cache.append(*prefilled([35, 30], 40, seed=11))
+    cache.keep([1, 2])  # five unused leading columns: too few to be worth a copy
+    assert cache.length == 40
