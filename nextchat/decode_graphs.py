@@ -123,8 +123,10 @@ class DecodeStep:
     ) -> _Captured | None:
         """Record the step for ``window``; None (and eager steps from now on) if this model cannot be captured.
 
-        The warm-up run and the captured one write the same column with the same inputs as the replay that follows,
-        so capturing leaves the cache as one step would.
+        The graph is checked once against the eager warm-up run of the same step (same chosen tokens, states within
+        bf16 rounding) before it is used: a graph that computes something else is never replayed for a result. The
+        warm-up, the captured run and the check's replay all write the same column with the same inputs as the step
+        itself, so capturing leaves the cache as one step would.
         """
         rows = window[0]
         embeds, positions = layout.embeds[:rows], layout.positions[:rows]
@@ -134,15 +136,24 @@ class DecodeStep:
             side = torch.cuda.Stream(self.model.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # the first run allocates what the graph will reuse
-                self.model.decode_step(embeds, positions, mask, cache)
+                want_hidden, want_logits = self.model.decode_step(embeds, positions, mask, cache)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 hidden, logits = self.model.decode_step(embeds, positions, mask, cache)
+            graph.replay()
+            real = cache.rows  # the padding rows' outputs are never read
+            same = bool((logits[:real].argmax(-1) == want_logits[:real].argmax(-1)).all()) and torch.allclose(
+                hidden[:real].float(), want_hidden[:real].float(), rtol=2e-2, atol=2e-2
+            )
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:
             log.warning("decode steps run eagerly: capturing a CUDA graph failed (%s)", str(error).splitlines()[0])
+            self.mode = "eager"
+            return None
+        if not same:
+            log.warning("decode steps run eagerly: a captured CUDA graph disagreed with the eager step it recorded")
             self.mode = "eager"
             return None
         captured = _Captured(graph, hidden, logits)
