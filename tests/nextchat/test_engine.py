@@ -1,5 +1,6 @@
 """The generation engine: batching equals one-by-one, steps with joining and leaving, the <at> feedback path."""
 
+import contextlib
 import copy
 
 import numpy as np
@@ -179,3 +180,33 @@ def test_cuda_graph_decode_steps_equal_eager_ones_with_requests_joining_and_leav
         for want in expected:
             assert_same(results[want.request_id], want)
     assert graphs.decode_mode == "graphs"  # no capture fell back to eager
+
+
+def test_a_graph_capture_that_fails_leaves_eager_steps_with_the_same_results(
+    tiny_parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback on a GPU, played on the CPU: every CUDA call the capture makes is a stand-in, and capturing
+    raises as it does for a model with a host sync inside its step."""
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    def failing_capture(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model, tokenizer = tiny_parts
+    eager = NextChatEngine(model, tokenizer, decode_mode="eager")
+    falling_back = NextChatEngine(model, tokenizer, decode_mode="padded")
+    falling_back._decode_step.mode = "graphs"  # as on a CUDA device
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    images = eager.encode_images([make_image(96, 60, 1), make_image(50, 90, 2), make_image(64, 64, 3)])
+    requests = mixed_requests(eager, images)
+    for got, want in zip(falling_back.run_batch(requests), eager.run_batch(requests), strict=True):
+        assert_same(got, want)
+    assert falling_back.decode_mode == "eager"
