@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import io
 import json
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,16 @@ def summary(path: str, concurrency: int, timings: Timings) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def measured(timings: Timings, device: str) -> Iterator[None]:
+    """Add the block's wall time to ``timings`` and raise its GPU memory peak to the block's, if higher."""
+    peak = track_gpu_memory(device)
+    started = time.perf_counter()
+    yield
+    timings.wall_s += time.perf_counter() - started
+    timings.note_peak(peak())
+
+
 def track_gpu_memory(device: str) -> Callable[[], float | None]:
     """Reset the peak-memory counter; the returned function reads the peak since then (MiB; None off CUDA)."""
     if not device.startswith("cuda"):
@@ -251,19 +262,16 @@ async def tool_request(client: Any, item: Item, timings: Timings | None) -> None
 
 async def run_point(client: Any, items: list[Item], concurrency: int, timings: Timings, device: str) -> None:
     """``concurrency`` callers in a closed loop over ``items``; adds to ``timings`` (wall time included)."""
-    peak = track_gpu_memory(device)
     queue = iter(items)
 
     async def caller() -> None:
         for item in queue:
             await tool_request(client, item, timings)
 
-    started = time.perf_counter()
-    async with anyio.create_task_group() as task_group:
-        for _ in range(concurrency):
-            task_group.start_soon(caller)
-    timings.wall_s += time.perf_counter() - started
-    timings.note_peak(peak())
+    with measured(timings, device):
+        async with anyio.create_task_group() as task_group:
+            for _ in range(concurrency):
+                task_group.start_soon(caller)
 
 
 @dataclass
@@ -400,12 +408,9 @@ class NaivePath:
 
 def run_naive(naive: NaivePath, items: list[Item], timings: Timings, device: str) -> None:
     """The items one at a time; adds to ``timings`` (wall time included)."""
-    peak = track_gpu_memory(device)
-    started = time.perf_counter()
-    for item in items:
-        naive.request(item, timings)
-    timings.wall_s += time.perf_counter() - started
-    timings.note_peak(peak())
+    with measured(timings, device):
+        for item in items:
+            naive.request(item, timings)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -188,8 +188,8 @@ class NextChatRunner:
     ) -> None:
         if fixed_new_tokens is not None and fixed_new_tokens < 1:
             raise ValueError("fixed_new_tokens must be at least 1")
-        self.decode_mode: DecodeMode = "graphs" if cuda_graphs and net.device.type == "cuda" else "eager"
-        self.pipeline = NextChatPipeline(net, tokenizer, self.decode_mode)
+        # None: the engine's default (graphs on a CUDA device, eager elsewhere).
+        self.pipeline = NextChatPipeline(net, tokenizer, None if cuda_graphs else "eager")
         self.engine = self.pipeline.engine
         self.device = str(net.device)
         self.dtype = str(net.dtype).removeprefix("torch.")
@@ -226,6 +226,11 @@ class NextChatRunner:
         if net.device.type == "cpu":
             torch.set_num_threads(cpu_threads or default_cpu_threads())
         return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens, cuda_graphs=cuda_graphs)
+
+    @property
+    def decode_mode(self) -> DecodeMode:
+        """How the engine's decode steps run now (see :mod:`nextchat.decode_graphs`)."""
+        return self.engine.decode_mode
 
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

@@ -88,20 +88,15 @@ class DecodeStep:
             layout = self._layout_for(cache)
             layout.embeds[:rows] = embeds
             layout.positions[:rows] = positions
-            mask = cache.begin_step(*window)
-            if self.mode == "padded":
-                hidden, logits = self.model.decode_step(
-                    layout.embeds[: window[0]], layout.positions[: window[0]], mask, cache
-                )
+            inputs = (layout.embeds[: window[0]], layout.positions[: window[0]], cache.begin_step(*window), cache)
+            captured = None
+            if self.mode == "graphs":
+                captured = layout.graphs.get(window) or self._capture(layout, window, inputs)
+            if captured is None:  # padded mode, or a capture that failed (later steps then run eagerly)
+                hidden, logits = self.model.decode_step(*inputs)
             else:
-                captured = layout.graphs.get(window) or self._capture(cache, layout, window, mask)
-                if captured is None:  # capture failed: this step and every later one run eagerly
-                    hidden, logits = self.model.decode_step(
-                        layout.embeds[: window[0]], layout.positions[: window[0]], mask, cache
-                    )
-                else:
-                    captured.graph.replay()
-                    hidden, logits = captured.hidden, captured.logits
+                captured.graph.replay()
+                hidden, logits = captured.hidden, captured.logits
             hidden, logits = hidden[:rows].clone(), logits[:rows].clone()
         cache.end_step()
         return hidden, logits
@@ -119,7 +114,10 @@ class DecodeStep:
         return self._layout
 
     def _capture(
-        self, cache: BatchKVCache, layout: _Layout, window: tuple[int, int], mask: torch.Tensor
+        self,
+        layout: _Layout,
+        window: tuple[int, int],
+        inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, BatchKVCache],
     ) -> _Captured | None:
         """Record the step for ``window``; None (and eager steps from now on) if this model cannot be captured.
 
@@ -128,21 +126,19 @@ class DecodeStep:
         warm-up, the captured run and the check's replay all write the same column with the same inputs as the step
         itself, so capturing leaves the cache as one step would.
         """
-        rows = window[0]
-        embeds, positions = layout.embeds[:rows], layout.positions[:rows]
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             side = torch.cuda.Stream(self.model.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # the first run allocates what the graph will reuse
-                want_hidden, want_logits = self.model.decode_step(embeds, positions, mask, cache)
+                want_hidden, want_logits = self.model.decode_step(*inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                hidden, logits = self.model.decode_step(embeds, positions, mask, cache)
+                hidden, logits = self.model.decode_step(*inputs)
             graph.replay()
-            real = cache.rows  # the padding rows' outputs are never read
+            real = inputs[3].rows  # the padding rows' outputs are never read
             same = bool((logits[:real].argmax(-1) == want_logits[:real].argmax(-1)).all()) and torch.allclose(
                 hidden[:real].float(), want_hidden[:real].float(), rtol=2e-2, atol=2e-2
             )

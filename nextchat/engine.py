@@ -164,10 +164,7 @@ class NextChatEngine:
         self._decode_step = DecodeStep(model, decode_mode or ("graphs" if model.device.type == "cuda" else "eager"))
 
     def _new_cache(self) -> BatchKVCache:
-        text = self.model.model.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        kv_heads = text.num_key_value_heads or text.num_attention_heads
-        return BatchKVCache(text.num_hidden_layers, kv_heads, head_dim, self.model.dtype, self.model.device)
+        return BatchKVCache.for_config(self.model.model.config, self.model.dtype, self.model.device)
 
     # ------------------------------------------------------------------------------------------------------------
     # Images

@@ -44,6 +44,14 @@ class BatchKVCache:
         self._window = (0, 0)  # rows × columns that the current step reads
         self._allocate(0, 0)
 
+    @classmethod
+    def for_config(cls, text_config: object, dtype: torch.dtype, device: torch.device) -> BatchKVCache:
+        """An empty cache for a transformers LLaMA config (``model.model.config``)."""
+        heads = text_config.num_attention_heads  # type: ignore[attr-defined]
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads  # type: ignore[attr-defined]
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        return cls(text_config.num_hidden_layers, kv_heads, head_dim, dtype, device)  # type: ignore[attr-defined]
+
     @property
     def capacity(self) -> int:
         """Time columns the buffers hold."""

@@ -370,8 +370,6 @@ class NextChatModel(nn.Module):
                 position_embeddings=position_embeddings,
                 **{_LAYER_CACHE_ARG: cache},
             )
-            if isinstance(hidden, tuple):  # transformers before 5 returned (hidden_states, ...)
-                hidden = hidden[0]
         hidden = llm.norm(hidden)[:, -1]
         return hidden, self.lm_head(hidden).float()
 

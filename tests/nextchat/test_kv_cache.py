@@ -114,8 +114,7 @@ def test_a_decode_step_on_it_equals_the_librarys_forward_with_a_dynamic_cache(ti
             step, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), step_positions, dynamic,
             torch.zeros(2, dtype=torch.long),
         )  # fmt: skip
-        head_dim = text.hidden_size // text.num_attention_heads
-        cache = BatchKVCache(text.num_hidden_layers, text.num_key_value_heads, head_dim, model.dtype, model.device)
+        cache = BatchKVCache.for_config(text, model.dtype, model.device)
         cache.append(layers, mask)
         hidden, logits = model.decode_step(step, step_positions, cache.begin_step(), cache)
         cache.end_step()
@@ -127,7 +126,6 @@ def test_a_decode_step_on_it_equals_the_librarys_forward_with_a_dynamic_cache(ti
 def test_a_padded_window_gives_the_running_rows_the_exact_windows_results(tiny_parts) -> None:
     model, _ = tiny_parts
     text = model.model.config
-    head_dim = text.hidden_size // text.num_attention_heads
     generator = torch.Generator().manual_seed(7)
     prompt = torch.randn(4, 6, text.hidden_size, generator=generator)
     mask = torch.ones(4, 6, dtype=torch.long)
@@ -139,7 +137,7 @@ def test_a_padded_window_gives_the_running_rows_the_exact_windows_results(tiny_p
     with torch.inference_mode():
         _, _, dynamic = model.forward_llm(prompt, mask, positions)
         for window in (None, (4, 16)):  # exact; then 4 rows (one of padding) × 16 columns (9 masked)
-            cache = BatchKVCache(text.num_hidden_layers, text.num_key_value_heads, head_dim, model.dtype, model.device)
+            cache = BatchKVCache.for_config(text, model.dtype, model.device)
             cache.append([(k.clone(), v.clone()) for k, v in _cache_layers(dynamic)], mask)
             cache.keep([0, 1, 2])  # row 3 left: its stale keys stay in the buffer, as after any leave
             cache.reserve(16)
