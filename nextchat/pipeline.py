@@ -6,7 +6,7 @@ masks are bool ``[H, W]`` on it. One call runs one request; a server batches man
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +18,9 @@ from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, N
 from nextchat.loading import load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.processing import ImageGeometry, boxes_from_square, boxes_to_square
-from nextchat.prompting import (
-    LOCATE_ANSWER_PREFIX,
-    ParsedAnswer,
-    chat_prompt,
-    locate_question,
-    parse_answer,
-    region_question,
-    vqa_question,
-)
+from nextchat.prompting import ParsedAnswer, chat_prompt, parse_answer
+from nextchat.tasks import Box, TaskPrompt, answer_question, describe_region, locate_one
 from nextchat.tokenization import NextChatTokenizer
-
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -129,20 +119,54 @@ class NextChatPipeline:
             text = f"{text} {answer_prefix}"
         return self.tokenizer.encode(text)
 
-    def _run(self, request: GenerationRequest) -> GenerationResult:
-        (result,) = self.engine.run_batch([request])
-        return result
+    def request(
+        self,
+        prompt: TaskPrompt,
+        geometry: ImageGeometry,
+        image: EncodedImage | None = None,
+        *,
+        max_new_tokens: int = 64,
+        logit_bias: dict[int, float] | None = None,
+        request_id: Hashable = None,
+    ) -> GenerationRequest:
+        """The engine request for a task prompt about an image of ``geometry`` (its features may come later).
 
-    def _encoded(self, image: np.ndarray | EncodedImage) -> EncodedImage:
-        return image if isinstance(image, EncodedImage) else self.engine.encode_images([image])[0]
+        Given boxes go from original pixels to the square frame here; a prompt that locates in its own pass
+        (``prompt.locates_in_prompt``) needs one step whatever the budget.
+        """
+        boxes = None
+        if prompt.boxes:
+            boxes = boxes_to_square(np.asarray(prompt.boxes, dtype=np.float64), geometry)
+        return GenerationRequest(
+            self.prompt_ids(prompt.message, prompt.answer_prefix),
+            image=image,
+            boxes=boxes,
+            max_new_tokens=1 if prompt.locates_in_prompt else max_new_tokens,
+            logit_bias=logit_bias or {},
+            request_id=request_id,
+        )
+
+    def answer(self, prompt: TaskPrompt, result: GenerationResult, geometry: ImageGeometry) -> Answer:
+        """A finished request of ``prompt`` read back: text pieces, phrases, pixel boxes."""
+        return answer_from_result(self.tokenizer, result, geometry, prompt.fallback_phrase)
+
+    def run(
+        self,
+        image: np.ndarray | EncodedImage,
+        prompt: TaskPrompt,
+        max_new_tokens: int = 64,
+        logit_bias: dict[int, float] | None = None,
+    ) -> Answer:
+        """One task prompt on one image, greedily."""
+        encoded = image if isinstance(image, EncodedImage) else self.engine.encode_images([image])[0]
+        request = self.request(prompt, encoded.geometry, encoded, max_new_tokens=max_new_tokens, logit_bias=logit_bias)
+        (result,) = self.engine.run_batch([request])
+        return self.answer(prompt, result, encoded.geometry)
 
     # ------------------------------------------------------------------------------------------------------------
     def locate(self, image: np.ndarray | EncodedImage, expression: str) -> GroundedObject:
         """The one object an expression refers to (REC: "Answer: <at>" teacher-forced; one LLM pass)."""
-        encoded = self._encoded(image)
-        ids = self.prompt_ids(locate_question(expression), LOCATE_ANSWER_PREFIX)
-        result = self._run(GenerationRequest(ids, image=encoded, max_new_tokens=1))
-        return answer_from_result(self.tokenizer, result, encoded.geometry, expression).objects[0]
+        return self.run(image, locate_one(expression)).objects[0]
 
     def ask(
         self,
@@ -153,44 +177,45 @@ class NextChatPipeline:
         logit_bias: dict[int, float] | None = None,
     ) -> Answer:
         """Free greedy answer; with ``ground`` the model is asked to locate the objects it mentions."""
-        encoded = self._encoded(image)
-        ids = self.prompt_ids(vqa_question(question, ground))
-        request = GenerationRequest(ids, image=encoded, max_new_tokens=max_new_tokens, logit_bias=logit_bias or {})
-        return answer_from_result(self.tokenizer, self._run(request), encoded.geometry)
+        return self.run(image, answer_question(question, ground), max_new_tokens, logit_bias)
 
     def describe(
         self, image: np.ndarray | EncodedImage, box: Box, question: str | None = None, max_new_tokens: int = 64
     ) -> Answer:
         """Describe (or answer ``question`` about) the region ``box`` (pixel xyxy), given through the box encoder."""
-        encoded = self._encoded(image)
-        ids = self.prompt_ids(region_question(question))
-        boxes = boxes_to_square(np.asarray([box], dtype=np.float64), encoded.geometry)
-        request = GenerationRequest(ids, image=encoded, boxes=boxes, max_new_tokens=max_new_tokens)
-        return answer_from_result(self.tokenizer, self._run(request), encoded.geometry)
+        return self.run(image, describe_region(box, question), max_new_tokens)
 
-    def segment(
-        self,
-        image: np.ndarray | SamImage,
-        objects: Sequence[GroundedObject] = (),
-        boxes: Sequence[Box] = (),
-    ) -> list[Mask]:
-        """Masks for located objects (their ``<at>`` states are reused) and for given pixel boxes.
+    # ------------------------------------------------------------------------------------------------------------
+    def mask_prompts(
+        self, geometry: ImageGeometry, objects: Sequence[GroundedObject] = (), boxes: Sequence[Box] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM prompts for located objects (their ``<at>`` states) and then for given pixel boxes.
 
         A given box has no ``<at>`` state; :meth:`NextChatEngine.box_prompt_states` stands in for it.
+
+        Returns:
+            states ``[N, hidden]`` and square-frame xyxy boxes ``[N, 4]``, objects first.
         """
-        sam_image = image if isinstance(image, SamImage) else self.engine.encode_sam_images([image])[0]
-        geometry = sam_image.geometry
-        states, square = [], []
-        for obj in objects:
-            states.append(obj.at_hidden)
-            square.append(torch.tensor(obj.square_box))
+        states = [obj.at_hidden for obj in objects]
+        square = [torch.tensor(obj.square_box) for obj in objects]
         if boxes:
             given = boxes_to_square(np.asarray(boxes, dtype=np.float64), geometry)
             states.extend(self.engine.box_prompt_states(given))
             square.extend(given)
         if not states:
+            hidden = self.model.config.hidden_size
+            return torch.zeros(0, hidden), torch.zeros(0, 4)
+        return torch.stack(states), torch.stack(square)
+
+    def masks(self, sam_image: SamImage, states: torch.Tensor, square_boxes: torch.Tensor) -> list[Mask]:
+        """Binary masks on the original image for ``[N, hidden]`` prompt states and their ``[N, 4]`` square boxes.
+
+        A mask whose predicted IoU is under the model's ``mask_iou_threshold`` is reported empty (all False), as the
+        official demo does.
+        """
+        if states.shape[0] == 0:
             return []
-        logits, iou = self.engine.predict_masks(sam_image, torch.stack(states), torch.stack(square))
+        logits, iou = self.engine.predict_masks(sam_image, states, square_boxes)
         threshold = self.model.config.mask_iou_threshold
         masks = []
         for mask_logits, score in zip(logits, iou.tolist(), strict=True):
@@ -198,3 +223,13 @@ class NextChatPipeline:
             mask = np.zeros(mask_logits.shape, dtype=bool) if empty else (mask_logits > 0).cpu().numpy()
             masks.append(Mask(mask, float(score), empty))
         return masks
+
+    def segment(
+        self,
+        image: np.ndarray | SamImage,
+        objects: Sequence[GroundedObject] = (),
+        boxes: Sequence[Box] = (),
+    ) -> list[Mask]:
+        """Masks for located objects (their ``<at>`` states are reused) and for given pixel boxes, in that order."""
+        sam_image = image if isinstance(image, SamImage) else self.engine.encode_sam_images([image])[0]
+        return self.masks(sam_image, *self.mask_prompts(sam_image.geometry, objects, boxes))

@@ -1,8 +1,8 @@
-"""Prompts in the official NExT-Chat formats, and reading objects and phrases back out of answers.
+"""The official NExT-Chat prompt format, and reading objects and phrases back out of answers.
 
 The conversation template is vicuna_v1.1: ``"{system} USER: {message} ASSISTANT:"``. An image is the block
 ``<im_start>`` + N × ``<im_patch>`` + ``<im_end>`` next to the message; a box, in a question or an answer, is the
-pair ``<at> <boxes>``. The task wordings are those the published checkpoint was trained on.
+pair ``<at> <boxes>``. What each task says inside that frame is :mod:`nextchat.tasks`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 OBJECT = f"{AT} {BOXES}"  # one box, in a question (input) or an answer (output)
-LOCATE_ANSWER_PREFIX = f"Answer: {AT}"  # the teacher-forced start of a REC answer: "Answer: <at> <boxes> ."
-GROUNDING_SUFFIX = "Please mention related object locations."
-GROUNDED_CAPTION = "Can you describe the image and include object locations?"
-REGION_PLACEHOLDERS = ("[region]", "[0]")
 
 
 def image_block(num_tokens: int) -> str:
@@ -46,31 +42,6 @@ def chat_prompt(
         message = f"{block} {message}" if image_first else f"{message} {block}"
     system = SYSTEM_PROMPT if system_prompt is None else system_prompt
     return f"{system} USER: {message} ASSISTANT:".lstrip()
-
-
-def locate_question(expression: str) -> str:
-    """REC: "Where is the red circle in the image?"."""
-    return f"Where is {expression.strip().rstrip('?.')} in the image?"
-
-
-def region_question(question: str | None = None) -> str:
-    """A question about one given box. Without a question: region caption ("Can you describe <at> <boxes>?").
-
-    A custom question names the region with ``[region]`` (or the official demo's ``[0]``); one without either gets
-    the region in front.
-    """
-    if question is None:
-        return f"Can you describe {OBJECT}?"
-    for placeholder in REGION_PLACEHOLDERS:
-        if placeholder in question:
-            return question.replace(placeholder, OBJECT, 1)
-    return f"For the region {OBJECT}, {question.strip()}"
-
-
-def vqa_question(question: str, ground: bool = False) -> str:
-    """VQA; with ``ground`` the model is asked to mention object locations ("VQA + localisation")."""
-    question = question.strip()
-    return f"{question} {GROUNDING_SUFFIX}" if ground else question
 
 
 # ------------------------------------------------------------------------------------------------------------------

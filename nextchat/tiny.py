@@ -13,7 +13,8 @@ import torch
 from nextchat.configuration import build_tiny
 from nextchat.loading import build_model, save_pretrained
 from nextchat.modeling_nextchat import NextChatModel
-from nextchat.prompting import GROUNDED_CAPTION, GROUNDING_SUFFIX, SYSTEM_PROMPT, locate_question, region_question
+from nextchat.prompting import SYSTEM_PROMPT
+from nextchat.tasks import GROUNDED_CAPTION, GROUNDING_SUFFIX, locate_question, region_question
 from nextchat.tokenization import NextChatTokenizer, train_tokenizer
 
 

@@ -23,10 +23,8 @@ import numpy as np
 import torch
 
 from nextchat.demo.world import COLOURS, SHAPES, Scene, make_sample, render_scene
-from nextchat.engine import GenerationRequest
-from nextchat.pipeline import NextChatPipeline, answer_from_result
-from nextchat.processing import boxes_to_square
-from nextchat.prompting import LOCATE_ANSWER_PREFIX, locate_question, region_question, vqa_question
+from nextchat.pipeline import NextChatPipeline
+from nextchat.tasks import TaskPrompt, answer_question, describe_region, locate_one
 
 
 EVAL_STREAM = (
@@ -90,37 +88,29 @@ def evaluate(
 ) -> EvalReport:
     """Run every task over ``scenes`` in batches of ``chunk`` scenes (``masks=False`` skips SAM: IoU reads 0)."""
     started = time.perf_counter()
-    engine, tokenizer = pipeline.engine, pipeline.tokenizer
+    engine = pipeline.engine
     rng = np.random.default_rng([EVAL_STREAM, seed, 1])
     located, ious, described, answered, crowd = [], [], [], [], []
     for first in range(0, len(scenes), chunk):
         group = scenes[first : first + chunk]
         encoded = engine.encode_images([s.image for s in group])
-        requests: list[GenerationRequest] = []
-        kinds: list[tuple] = []
+        asked: list[tuple[TaskPrompt, int, tuple]] = []  # (prompt, token budget, (kind, scene, item, image))
         for scene, image in zip(group, encoded, strict=True):
-            for obj in scene.objects:
-                ids = pipeline.prompt_ids(locate_question(f"the {obj.name}"), LOCATE_ANSWER_PREFIX)
-                requests.append(GenerationRequest(ids, image=image, max_new_tokens=1))
-                kinds.append(("locate", scene, obj, image))
+            asked.extend((locate_one(f"the {o.name}"), 1, ("locate", scene, o, image)) for o in scene.objects)
             target = scene.objects[int(rng.integers(len(scene.objects)))]
-            box = boxes_to_square(np.asarray([target.box]), image.geometry)
-            requests.append(
-                GenerationRequest(pipeline.prompt_ids(region_question()), image=image, boxes=box, max_new_tokens=12)
-            )
-            kinds.append(("describe", scene, target, image))
+            asked.append((describe_region(target.box), 12, ("describe", scene, target, image)))
             for task in QUESTION_TASKS:
                 sample = make_sample(scene, task, rng)
                 if sample is not None:
-                    ids = pipeline.prompt_ids(vqa_question(sample.question))
-                    requests.append(GenerationRequest(ids, image=image, max_new_tokens=8))
-                    kinds.append(("question", scene, sample, image))
+                    asked.append((answer_question(sample.question), 8, ("question", scene, sample, image)))
+        requests = [pipeline.request(p, k[3].geometry, k[3], max_new_tokens=n) for p, n, k in asked]
+        kinds = [(*kind, prompt) for prompt, _, kind in asked]
         results = engine.run_batch(requests)
         sam_images = {}
         if masks:
             sam_images = dict(zip(map(id, group), engine.encode_sam_images([s.image for s in group]), strict=True))
-        for (kind, scene, item, image), result in zip(kinds, results, strict=True):
-            answer = answer_from_result(tokenizer, result, image.geometry)
+        for (kind, scene, item, image, prompt), result in zip(kinds, results, strict=True):
+            answer = pipeline.answer(prompt, result, image.geometry)
             if kind == "locate":
                 obj = answer.objects[0] if answer.objects else None
                 located.append(obj is not None and box_iou(obj.box, item.box) >= 0.5)

@@ -41,7 +41,8 @@ from nextchat.demo.world import render_scene
 from nextchat.loading import build_model, demo_checkpoint_dir, save_pretrained
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.processing import ImageGeometry, boxes_to_square, sam_pixel_values, vision_pixel_values
-from nextchat.prompting import LOCATE_ANSWER_PREFIX, chat_prompt, locate_question
+from nextchat.prompting import chat_prompt
+from nextchat.tasks import LOCATE_ANSWER_PREFIX, locate_question
 from nextchat.tokenization import NextChatTokenizer, train_tokenizer
 
 

@@ -10,7 +10,8 @@ from support import make_image
 
 from nextchat.engine import GenerationRequest, NextChatEngine
 from nextchat.processing import boxes_to_square
-from nextchat.prompting import LOCATE_ANSWER_PREFIX, chat_prompt, locate_question, region_question, vqa_question
+from nextchat.prompting import chat_prompt
+from nextchat.tasks import LOCATE_ANSWER_PREFIX, locate_question, region_question, vqa_question
 
 
 @pytest.fixture(scope="module", params=["eager", "padded"])
