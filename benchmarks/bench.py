@@ -66,7 +66,8 @@ from nextchat.processing import (
     sam_pixel_values,
     vision_pixel_values,
 )
-from nextchat.prompting import LOCATE_ANSWER_PREFIX, SYSTEM_PROMPT, locate_question
+from nextchat.prompting import SYSTEM_PROMPT
+from nextchat.tasks import LOCATE_ANSWER_PREFIX, locate_question
 from nextchat.tiny import write_tiny_checkpoint
 from nextchat.tokenization import NextChatTokenizer, train_tokenizer
 
@@ -314,7 +315,7 @@ async def run_rounds(
                 for concurrency, items in points.items():
                     await run_point(client, items, concurrency, batched[concurrency], device)
     finally:
-        server.state.executor.stop()  # type: ignore[attr-defined]
+        server.app.executor.stop()
     return naive_timings, batched
 
 

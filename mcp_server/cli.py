@@ -90,7 +90,7 @@ def serve(settings: Settings) -> int:
     from mcp_server.server import create_server
 
     server = create_server(settings)
-    executor: Executor = server.state.executor  # type: ignore[attr-defined]
+    executor: Executor = server.app.executor
     if settings.transport == "stdio":
         return anyio.run(serve_stdio, server, executor, settings)
     if not is_loopback(settings.host) and not settings.token:
@@ -291,7 +291,7 @@ async def call_tool(
         async with Client(server) as client:
             result = await client.call_tool(tool, arguments)
     finally:
-        server.state.executor.stop()  # type: ignore[attr-defined]
+        server.app.executor.stop()
     text = "\n".join(getattr(block, "text", "") for block in result.content if getattr(block, "type", "") == "text")
     return result.structured_content, text, bool(result.is_error)
 

@@ -26,16 +26,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import anyio
 
-from mcp_server.messages import DeviceFailure, Job, Outcome, StepOutOfMemory
+from mcp_server.messages import (
+    DeviceFailure,
+    GenerationJob,
+    GenerationOutcome,
+    Job,
+    MaskJob,
+    MaskOutcome,
+    Outcome,
+    StepOutOfMemory,
+)
 
 
 log = logging.getLogger(__name__)
 
 State = Literal["starting", "loading", "ready", "failed", "stopped"]
+OutcomeT = TypeVar("OutcomeT", GenerationOutcome, MaskOutcome)
 
 
 class Overloaded(RuntimeError):
@@ -101,9 +111,9 @@ class Runner(Protocol):
 
 
 @dataclass
-class _Pending:
+class _Pending(Generic[OutcomeT]):
     job: Job
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[OutcomeT]
     loop: asyncio.AbstractEventLoop
 
 
@@ -139,7 +149,9 @@ class Executor:
         self.max_oom_retries, self.oom_cooldown_steps = max_oom_retries, oom_cooldown_steps
         self._clock = clock
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._pending: dict[int, _Pending] = {}
+        # Each job's future holds the outcome type its kind of job has (the runner answers a GenerationJob with a
+        # GenerationOutcome, a MaskJob with a MaskOutcome), so the map holds futures of either.
+        self._pending: dict[int, _Pending[Any]] = {}
         self._lock = threading.Lock()
         self._waiting = 0
         self._accepting = True
@@ -193,7 +205,15 @@ class Executor:
                 await anyio.to_thread.run_sync(self._ready.wait, 0.25, abandon_on_cancel=True)
         return self.state == "ready"
 
-    async def submit(self, job: Job) -> Outcome:
+    async def generate(self, job: GenerationJob) -> GenerationOutcome:
+        """Run a generation job; its outcome (see :meth:`_run_job` for the errors)."""
+        return await self._run_job(job, GenerationOutcome)
+
+    async def segment(self, job: MaskJob) -> MaskOutcome:
+        """Run a mask job; its outcome (see :meth:`_run_job` for the errors)."""
+        return await self._run_job(job, MaskOutcome)
+
+    async def _run_job(self, job: Job, _outcome: type[OutcomeT]) -> OutcomeT:
         """Run a job and return its outcome.
 
         Raises the job's error, or :class:`Overloaded`, :class:`ModelNotReady` (:class:`ShuttingDown` while
@@ -201,7 +221,7 @@ class Executor:
         it never runs if still queued, and stops at the runner's next step if running.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome] = loop.create_future()
+        future: asyncio.Future[OutcomeT] = loop.create_future()
         # Under the lock, so that a drain that saw no pending job, or a device failure that failed them all, cannot
         # miss one admitted concurrently.
         with self._lock:
@@ -377,12 +397,23 @@ class Executor:
         """Move jobs to the runner (ones to start again first); when idle, wait for one, then ``max_wait_ms`` for
         company."""
         limit = min(self.max_active, self.batch_limit)
+        restarted: list[Job] = []
+        while self._retry and len(self._active) + len(restarted) < limit:
+            restarted.append(self._retry.popleft())
+        arrived = self._take_arrivals(limit - len(self._active) - len(restarted), block and not restarted)
+        for job in restarted:
+            self._start(runner, job)
+        for job in arrived:
+            with self._lock:
+                self._waiting -= 1
+            self._start(runner, job)
+
+    def _take_arrivals(self, room: int, block: bool) -> list[Job]:
+        """Up to ``room`` jobs from the inbox. Blocking: wait for the first (0.5 s at most, so a stop is seen), then
+        up to ``max_wait_ms`` for more to start with it; otherwise only those already there."""
         taken: list[Job] = []
-        while self._retry and len(self._active) + len(taken) < limit:
-            taken.append(self._retry.popleft())
-        restarted = len(taken)
         deadline = None
-        while len(self._active) + len(taken) < limit:
+        while len(taken) < room:
             try:
                 if block and not taken:
                     item = self._inbox.get(timeout=0.5)
@@ -392,27 +423,28 @@ class Executor:
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is None:
+            if item is None:  # a wake-up (a cancellation, or a stop)
                 if self._stop.is_set():
                     break
                 continue
             taken.append(item)
             if block and deadline is None:
                 deadline = time.perf_counter() + self.max_wait_s
-        for index, job in enumerate(taken):
-            with self._lock:
-                if index >= restarted:
-                    self._waiting -= 1
-                if job.id not in self._pending:
-                    continue
-                self._active[job.id] = job
-            self.peak_active = max(self.peak_active, len(self._active))
-            if job.cancelled.is_set():
-                self._resolve(job.id, JobCancelled("the request was cancelled before it ran"))
-            elif job.deadline is not None and self._clock() > job.deadline:
-                self._resolve(job.id, DeadlineExceeded("the request passed its deadline before it ran; retry"))
-            else:
-                try:
-                    runner.submit(job)
-                except Exception as error:
-                    self._resolve(job.id, error)
+        return taken
+
+    def _start(self, runner: Runner, job: Job) -> None:
+        """Hand one admitted job to the runner, unless it was cancelled or expired meanwhile."""
+        with self._lock:
+            if job.id not in self._pending:
+                return
+            self._active[job.id] = job
+        self.peak_active = max(self.peak_active, len(self._active))
+        if job.cancelled.is_set():
+            self._resolve(job.id, JobCancelled("the request was cancelled before it ran"))
+        elif job.deadline is not None and self._clock() > job.deadline:
+            self._resolve(job.id, DeadlineExceeded("the request passed its deadline before it ran; retry"))
+        else:
+            try:
+                runner.submit(job)
+            except Exception as error:
+                self._resolve(job.id, error)

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageOps
 
+from mcp_server.messages import DecodedImage
 from mcp_server.url_fetch import WEB_PORTS, AddressCheck, Resolver, UrlRejected, fetch_url
 
 
@@ -84,24 +85,6 @@ class ImagePolicy:
         object.__setattr__(self, "allowed_dirs", roots)
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    """A decoded, checked image."""
-
-    pixels: np.ndarray  # uint8 [H, W, 3] RGB, after EXIF orientation
-    sha256: str  # hex sha256 of the ORIGINAL bytes
-    source: str  # "path" | "url" | "data"
-    format: str  # "PNG" | "JPEG" | "WEBP" | "GIF" | "BMP"
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-
 def _echo(text: str) -> str:
     """The caller's own input, made safe to quote in a message (one line, at most 100 characters)."""
     clipped = text[:_ECHO_CHARS] + ("…" if len(text) > _ECHO_CHARS else "")
@@ -150,7 +133,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)
 
 
-def decode_image(data: bytes, policy: ImagePolicy, source: str) -> LoadedImage:
+def decode_image(data: bytes, policy: ImagePolicy, source: str) -> DecodedImage:
     """Check and decode image bytes that already passed the byte cap.
 
     Args:
@@ -205,7 +188,7 @@ def decode_image(data: bytes, policy: ImagePolicy, source: str) -> LoadedImage:
         raise ImageInputError(
             f"could not decode the {fmt} image (truncated or corrupt); pass a complete, valid image file"
         ) from None
-    return LoadedImage(pixels=pixels, sha256=hashlib.sha256(data).hexdigest(), source=source, format=fmt)
+    return DecodedImage(pixels=pixels, sha256=hashlib.sha256(data).hexdigest(), source=source, format=fmt)
 
 
 def _read_local(path_text: str, policy: ImagePolicy) -> bytes:
@@ -320,7 +303,7 @@ def load_image(
     *,
     resolver: Resolver | None = None,
     is_allowed_address: AddressCheck | None = None,
-) -> LoadedImage:
+) -> DecodedImage:
     """Turn an untrusted ``image`` tool argument into a checked RGB image.
 
     Args:
@@ -385,9 +368,9 @@ def load_image(
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "DecodedImage",
     "ImageInputError",
     "ImagePolicy",
-    "LoadedImage",
     "decode_image",
     "load_image",
     "looks_like_base64",

@@ -1,8 +1,10 @@
-"""Plain request and result records shared by the tools, the executor and the runner (no torch, no asyncio).
+"""Plain records shared by the tools, the executor and the runner (no torch, no asyncio).
 
-The runner turns a :class:`Job` into an outcome. What the model keeps per located object (its ``<at>`` state) travels
-back as an opaque ``state`` the MCP layer stores and hands back, so a later mask needs no new language-model pass.
-The two device errors a runner step may raise are here too, so the executor can tell them apart without torch.
+A tool asks for model work with one of two jobs: a :class:`GenerationJob` (a task prompt, in words, about an image)
+or a :class:`MaskJob` (masks for located objects or given boxes). What the model keeps per located object (its
+``<at>`` state) travels back as an opaque ``state`` the MCP layer stores and hands back, so a later mask needs no new
+language-model pass. The two device errors a runner step may raise are here too, so the executor can tell them apart
+without torch.
 """
 
 from __future__ import annotations
@@ -10,23 +12,30 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
+from nextchat.tasks import Box, TaskPrompt
 
-Box = tuple[float, float, float, float]  # pixel xyxy in the original image, origin top-left
-JobKind = Literal["locate", "describe", "answer", "segment"]
 
 _job_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """An image the runner may cache by content: ``key`` is its sha256, ``pixels`` RGB uint8 ``[H, W, 3]``."""
+class DecodedImage:
+    """A checked image: the one record of an image from decoding to the model.
 
-    key: str
+    Attributes:
+        pixels: RGB uint8 ``[H, W, 3]``, after EXIF orientation.
+        sha256: hex sha256 of the bytes sent (the runner caches what it computes from an image by it).
+        source: where the bytes came from: ``"path"``, ``"url"`` or ``"data"`` (empty when made in code).
+        format: the format the magic bytes named (``"PNG"``, ``"JPEG"``, ...; empty when made in code).
+    """
+
     pixels: np.ndarray
+    sha256: str
+    source: str = ""
+    format: str = ""
 
     @property
     def width(self) -> int:
@@ -45,30 +54,44 @@ class MaskPrompt:
     box: Box | None = None
 
 
-@dataclass
-class Job:
-    """One unit of model work.
+@dataclass(kw_only=True)
+class _JobBase:
+    """What every job carries.
 
     Attributes:
-        kind: ``locate`` (free grounded generation, or with ``single`` the teacher-forced one-object path),
-            ``describe`` (a region given by ``box``), ``answer`` (VQA, grounded when ``ground``), ``segment``.
-        text: the query or question.
-        max_new_tokens: generation budget.
-        id: unique, assigned at creation; results are matched to jobs by it.
+        image: the image the job is about.
+        deadline: ``time.monotonic()`` after which the job is dropped instead of run (``None``: no deadline).
+        id: unique, assigned at creation; outcomes are matched to jobs by it.
         cancelled: set by the caller; a queued job then never runs, a running one stops at the next step.
     """
 
-    kind: JobKind
-    image: ImageRef
-    text: str = ""
-    box: Box | None = None
-    ground: bool = False
-    single: bool = False
-    prompts: tuple[MaskPrompt, ...] = ()
-    max_new_tokens: int = 64
-    deadline: float | None = None  # time.monotonic() after which the job is dropped instead of run
+    image: DecodedImage
+    deadline: float | None = None
     id: int = field(default_factory=lambda: next(_job_ids))
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+@dataclass(kw_only=True)
+class GenerationJob(_JobBase):
+    """Generate an answer to a task prompt (see :mod:`nextchat.tasks`) about the image.
+
+    Attributes:
+        prompt: what to ask, in words, with the given boxes in original pixels.
+        max_new_tokens: generation budget (a prompt that locates in its own pass needs one step whatever this says).
+    """
+
+    prompt: TaskPrompt
+    max_new_tokens: int = 64
+
+
+@dataclass(kw_only=True)
+class MaskJob(_JobBase):
+    """Masks on the image, one per prompt."""
+
+    prompts: tuple[MaskPrompt, ...]
+
+
+Job = GenerationJob | MaskJob
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from mcp_server.messages import (
+    DecodedImage,
     DeviceFailure,
     FoundObject,
+    GenerationJob,
     GenerationOutcome,
-    ImageRef,
     Job,
+    MaskJob,
     MaskOutcome,
     Outcome,
     StepOutOfMemory,
@@ -36,9 +38,8 @@ from nextchat.decode_graphs import DecodeMode
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
 from nextchat.loading import load_model
 from nextchat.modeling_nextchat import NextChatModel
-from nextchat.pipeline import NextChatPipeline, answer_from_result
-from nextchat.processing import ImageGeometry, boxes_to_square
-from nextchat.prompting import LOCATE_ANSWER_PREFIX, locate_question, region_question, vqa_question
+from nextchat.pipeline import GroundedObject, NextChatPipeline
+from nextchat.processing import ImageGeometry
 from nextchat.tokenization import NextChatTokenizer
 
 
@@ -114,20 +115,23 @@ def _sam_bytes(image: SamImage) -> int:
 
 
 def encode_cached(
-    refs: list[ImageRef], cache: TensorLRU[V], encode: Callable[[list[np.ndarray]], list[V]], nbytes: Callable[[V], int]
+    images: list[DecodedImage],
+    cache: TensorLRU[V],
+    encode: Callable[[list[np.ndarray]], list[V]],
+    nbytes: Callable[[V], int],
 ) -> dict[str, V]:
-    """Each distinct image's encoding by content key: from ``cache``, or encoded together with the other misses
-    (``ENCODE_CHUNK`` images a pass) and then cached."""
+    """Each distinct image's encoding by content (its sha256): from ``cache``, or encoded together with the other
+    misses (``ENCODE_CHUNK`` images a pass) and then cached."""
     found: dict[str, V] = {}
     missing: dict[str, np.ndarray] = {}
-    for ref in refs:
-        if ref.key in found or ref.key in missing:
+    for image in images:
+        if image.sha256 in found or image.sha256 in missing:
             continue
-        cached = cache.get(ref.key)
+        cached = cache.get(image.sha256)
         if cached is None:
-            missing[ref.key] = ref.pixels
+            missing[image.sha256] = image.pixels
         else:
-            found[ref.key] = cached
+            found[image.sha256] = cached
     keys = list(missing)
     for start in range(0, len(keys), ENCODE_CHUNK):
         chunk = keys[start : start + ENCODE_CHUNK]
@@ -137,25 +141,11 @@ def encode_cached(
     return found
 
 
-@dataclass(frozen=True)
-class ObjectState:
-    """What a located object keeps for its mask: the ``<at>`` state and the raw square-frame box."""
-
-    at_hidden: torch.Tensor
-    square_box: torch.Tensor
-
-
-def _locate_question(query: str) -> str:
-    # "all the cups" reads as a plural question, as the grounding data phrases it.
-    query = query.strip().rstrip("?.")
-    return f"Where are {query} in the image?" if query.lower().startswith("all ") else locate_question(query)
-
-
 @dataclass
 class _Starting:
     """A generation job accepted and not yet on the engine (its image features are filled in when it starts)."""
 
-    job: Job
+    job: GenerationJob
     request: GenerationRequest
 
 
@@ -198,8 +188,8 @@ class NextChatRunner:
         self.features: TensorLRU[EncodedImage] = TensorLRU(cache_bytes)
         self.sam_images: TensorLRU[SamImage] = TensorLRU(cache_bytes)
         self._starting: list[_Starting] = []
-        self._masks: list[Job] = []
-        self._jobs: dict[int, Job] = {}  # on the engine
+        self._masks: list[MaskJob] = []
+        self._jobs: dict[int, GenerationJob] = {}  # on the engine
         self._stopped: list[int] = []  # cancelled before they reached the engine
         self.out_of_memory_steps = 0
 
@@ -235,34 +225,20 @@ class NextChatRunner:
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Check a job and tokenize its prompt; its device work (encoding, generation, masks) runs in :meth:`step`."""
-        if job.kind == "segment":
+        if isinstance(job, MaskJob):
             if not job.prompts:
                 raise ValueError("a mask needs a located object or a box")
-            if any(not isinstance(p.state, ObjectState) and p.box is None for p in job.prompts):
+            if any(not isinstance(p.state, GroundedObject) and p.box is None for p in job.prompts):
                 raise ValueError("a mask prompt needs a located object or a box")
             self._masks.append(job)
             return
-        boxes = None
-        if job.kind == "locate" and job.single:
-            ids = self.pipeline.prompt_ids(locate_question(job.text), LOCATE_ANSWER_PREFIX)
-        elif job.kind == "locate":
-            ids = self.pipeline.prompt_ids(_locate_question(job.text))
-        elif job.kind == "describe":
-            if job.box is None:
-                raise ValueError("describe needs a box")
-            ids = self.pipeline.prompt_ids(region_question(job.text or None))
-            geometry = ImageGeometry(job.image.width, job.image.height)
-            boxes = boxes_to_square(np.asarray([job.box], dtype=np.float64), geometry)
-        else:
-            ids = self.pipeline.prompt_ids(vqa_question(job.text, job.ground))
         if job.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         budget, bias = job.max_new_tokens, {}
-        if job.single:
-            budget = 1  # teacher-forced location: the box comes from the prompt pass
-        elif self.fixed_new_tokens is not None:
+        if self.fixed_new_tokens is not None:
             budget, bias = self.fixed_new_tokens, {self.engine.ids.eos: float("-inf")}
-        request = GenerationRequest(ids, boxes=boxes, max_new_tokens=budget, logit_bias=bias, request_id=job.id)
+        geometry = ImageGeometry(job.image.width, job.image.height)
+        request = self.pipeline.request(job.prompt, geometry, max_new_tokens=budget, logit_bias=bias, request_id=job.id)
         self._starting.append(_Starting(job, request))
 
     def step(self) -> list[tuple[int, Outcome | BaseException]]:
@@ -328,49 +304,37 @@ class NextChatRunner:
             [item.job.image for item in starting], self.features, self.engine.encode_images, _feature_bytes
         )
         for item in starting:
-            item.request.image = images[item.job.image.key]
+            item.request.image = images[item.job.image.sha256]
             self.engine.submit(item.request)
             self._jobs[item.job.id] = item.job
 
-    def _sam_images(self, jobs: list[Job]) -> dict[str, SamImage]:
+    def _sam_images(self, jobs: list[MaskJob]) -> dict[str, SamImage]:
         """The SAM embeddings of the jobs' images: cached ones, the others encoded together."""
         return encode_cached([job.image for job in jobs], self.sam_images, self.engine.encode_sam_images, _sam_bytes)
 
     @torch.inference_mode()
-    def _run_masks(self, jobs: list[Job]) -> list[tuple[int, Outcome | BaseException]]:
+    def _run_masks(self, jobs: list[MaskJob]) -> list[tuple[int, Outcome | BaseException]]:
         images = self._sam_images(jobs)
-        return [(job.id, self._masks_for(job, images[job.image.key])) for job in jobs]
+        return [(job.id, self._masks_for(job, images[job.image.sha256])) for job in jobs]
 
-    def _masks_for(self, job: Job, sam_image: SamImage) -> MaskOutcome:
+    def _masks_for(self, job: MaskJob, sam_image: SamImage) -> MaskOutcome:
         states, boxes = [], []
         for prompt in job.prompts:
-            if isinstance(prompt.state, ObjectState):
-                states.append(prompt.state.at_hidden)
-                boxes.append(prompt.state.square_box)
-            else:
-                assert prompt.box is not None  # checked in submit()
-                square = boxes_to_square(np.asarray([prompt.box], dtype=np.float64), sam_image.geometry)
-                states.append(self.engine.box_prompt_states(square)[0])
-                boxes.append(square[0])
-        logits, iou = self.engine.predict_masks(sam_image, torch.stack(states), torch.stack(boxes))
-        threshold = self.pipeline.model.config.mask_iou_threshold
-        scores = [float(s) for s in iou.tolist()]
-        empty = tuple(s < threshold for s in scores)
-        masks = tuple(
-            np.zeros(m.shape, dtype=bool) if e else (m > 0).cpu().numpy() for m, e in zip(logits, empty, strict=True)
-        )
-        return MaskOutcome(masks, tuple(scores), empty)
+            objects = [prompt.state] if isinstance(prompt.state, GroundedObject) else []
+            given = [prompt.box] if prompt.box is not None and not objects else []
+            prompt_states, prompt_boxes = self.pipeline.mask_prompts(sam_image.geometry, objects, given)
+            states.append(prompt_states)
+            boxes.append(prompt_boxes)
+        masks = self.pipeline.masks(sam_image, torch.cat(states), torch.cat(boxes))
+        return MaskOutcome(tuple(m.mask for m in masks), tuple(m.iou for m in masks), tuple(m.empty for m in masks))
 
     # ------------------------------------------------------------------------------------------------------------
-    def _outcome(self, job: Job, result: GenerationResult) -> GenerationOutcome:
-        fallback = job.text if job.kind == "locate" else ""
+    def _outcome(self, job: GenerationJob, result: GenerationResult) -> GenerationOutcome:
         # The geometry comes from the job: a cache lookup here could re-encode an evicted image just to read its size.
         geometry = ImageGeometry(job.image.width, job.image.height)
-        answer = answer_from_result(self.pipeline.tokenizer, result, geometry, fallback)
+        answer = self.pipeline.answer(job.prompt, result, geometry)
         objects = []
-        for o in answer.objects:
-            x1, y1, x2, y2 = (round(v, 1) for v in o.box)
-            objects.append(
-                FoundObject(o.phrase, (x1, y1, x2, y2), ObjectState(o.at_hidden, torch.tensor(o.square_box)))
-            )
+        for obj in answer.objects:
+            x1, y1, x2, y2 = (round(v, 1) for v in obj.box)
+            objects.append(FoundObject(obj.phrase, (x1, y1, x2, y2), obj))
         return GenerationOutcome(answer.parsed.segments, tuple(objects), result.finish_reason)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import numpy as np
+from mcp_server.messages import DecodedImage
+from nextchat.tasks import Box
 
 
 V = TypeVar("V")
@@ -109,24 +110,15 @@ class BoundedStore(Generic[V]):
 
 
 @dataclass
-class ImageRecord:
+class StoredImage:
     """An image behind a handle, with the objects located in it (ids ``o1``, ``o2``, ... scoped to the handle)."""
 
     handle: str
-    pixels: np.ndarray
-    sha256: str
+    image: DecodedImage
     objects: dict[str, StoredObject] = field(default_factory=dict)
     _next_object: int = 1
 
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-    def add_object(self, phrase: str, box: tuple[float, float, float, float], state: object) -> str:
+    def add_object(self, phrase: str, box: Box, state: object) -> str:
         """Keep a located object and return its id; the oldest go first past :data:`MAX_OBJECTS_PER_IMAGE`."""
         object_id = f"o{self._next_object}"
         self._next_object += 1
@@ -142,15 +134,16 @@ class StoredObject:
 
     id: str
     phrase: str
-    box: tuple[float, float, float, float]
+    box: Box
     state: object = field(repr=False)
 
 
 @dataclass(frozen=True)
-class StoredPng:
-    """PNG bytes behind a ``mask://`` or ``overlay://`` handle, and the image they belong to."""
+class StoredPicture:
+    """Encoded picture bytes behind a ``mask://`` (PNG) or ``overlay://`` (JPEG) handle, and the image they show."""
 
-    png: bytes
+    data: bytes
+    mime_type: str
     image_handle: str
 
 
@@ -159,8 +152,8 @@ class ImageStore:
     session get the same handle while it lives; another session gets its own handle (and its own object ids)."""
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 2 << 30, ttl_s: float = 3600.0) -> None:
-        self._store: BoundedStore[ImageRecord] = BoundedStore(
-            max_entries, max_bytes, ttl_s, size_of=lambda r: int(r.pixels.nbytes)
+        self._store: BoundedStore[StoredImage] = BoundedStore(
+            max_entries, max_bytes, ttl_s, size_of=lambda r: int(r.image.pixels.nbytes)
         )
         self._by_content: dict[tuple[Owner, str], tuple[Owner, str]] = {}
         self._lock = threading.Lock()
@@ -169,20 +162,21 @@ class ImageStore:
     def ttl_s(self) -> float:
         return self._store.ttl_s
 
-    def add(self, pixels: np.ndarray, sha256: str, owner: Owner = None) -> ImageRecord:
+    def add(self, image: DecodedImage, owner: Owner = None) -> StoredImage:
+        """The owner's handle for ``image``: the one it already has for the same bytes, else a new one."""
         with self._lock:
-            key = self._by_content.get((owner, sha256))
+            key = self._by_content.get((owner, image.sha256))
             record = self._store.get(key) if key else None
             if record is None:
-                record = ImageRecord(new_handle("img_"), pixels, sha256)
+                record = StoredImage(new_handle("img_"), image)
                 key = (owner, record.handle)
                 self._store.put(key, record)
-                self._by_content[(owner, sha256)] = key
+                self._by_content[(owner, image.sha256)] = key
                 # Forget content keys whose handle has been evicted, so the index stays bounded too.
                 self._by_content = {c: k for c, k in self._by_content.items() if k in self._store}
             return record
 
-    def get(self, handle: str, owner: Owner = None) -> ImageRecord | None:
+    def get(self, handle: str, owner: Owner = None) -> StoredImage | None:
         """The image behind ``handle`` if ``owner`` created it and it is still alive, else ``None``."""
         return self._store.get((owner, handle))
 

@@ -38,7 +38,7 @@ def demo_server(image_dir: Path):
         pytest.fail(f"the demo checkpoint is missing from {demo_checkpoint_dir()}")
     server = create_server(Settings(model="demo", device="cpu", allow_dirs=(image_dir,)))
     yield server
-    server.state.executor.stop()
+    server.app.executor.stop()
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +46,4 @@ def tiny_server(image_dir: Path, tiny_checkpoint: Path):
     """The server on a tiny random checkpoint: for the protocol's mechanics, whatever the model says."""
     server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(image_dir,)))
     yield server
-    server.state.executor.stop()
+    server.app.executor.stop()

@@ -17,11 +17,22 @@ from mcp_server.executor import (
     Overloaded,
     ShuttingDown,
 )
-from mcp_server.messages import DeviceFailure, GenerationOutcome, ImageRef, Job, StepOutOfMemory
+from mcp_server.messages import DecodedImage, DeviceFailure, GenerationJob, GenerationOutcome, Job, StepOutOfMemory
+from nextchat.tasks import TaskPrompt
 
 
 pytestmark = pytest.mark.anyio
-IMAGE = ImageRef("sha", np.zeros((8, 8, 3), dtype=np.uint8))
+IMAGE = DecodedImage(np.zeros((8, 8, 3), dtype=np.uint8), "sha")
+
+
+def ask(text: str, deadline: float | None = None) -> GenerationJob:
+    """A job whose prompt is ``text`` (the fake runner echoes it)."""
+    return GenerationJob(image=IMAGE, prompt=TaskPrompt(text), deadline=deadline)
+
+
+def text_of(job: Job) -> str:
+    assert isinstance(job, GenerationJob)
+    return job.prompt.message
 
 
 @pytest.fixture
@@ -56,10 +67,10 @@ class FakeRunner:
         self.step_started = threading.Event()
 
     def submit(self, job: Job) -> None:
-        if job.text == "bad job":
+        if text_of(job) == "bad job":
             raise ValueError("this job cannot run")
         self.running[job.id] = (job, 0)
-        self.ran.append(job.text)
+        self.ran.append(text_of(job))
 
     def cancel(self, job_id: int) -> None:
         self.cancelled.append(job_id)
@@ -71,7 +82,7 @@ class FakeRunner:
         self.step_started.set()
         if self.gate is not None:
             self.gate.wait(5)
-        texts = sorted(job.text for job, _ in self.running.values())
+        texts = sorted(text_of(job) for job, _ in self.running.values())
         self.batches.append(texts)
         too_big = self.capacity is not None and len(texts) > self.capacity
         for failure, failed in (
@@ -88,7 +99,10 @@ class FakeRunner:
             if job_id in self.cancelled or done + 1 >= self.steps:
                 del self.running[job_id]
                 finished.append(
-                    (job_id, GenerationOutcome((job.text,), (), "cancelled" if job_id in self.cancelled else "stop"))
+                    (
+                        job_id,
+                        GenerationOutcome((text_of(job),), (), "cancelled" if job_id in self.cancelled else "stop"),
+                    )
                 )
             else:
                 self.running[job_id] = (job, done + 1)
@@ -107,7 +121,7 @@ async def test_results_are_routed_to_their_own_requests_under_200_concurrent_cal
     results: dict[str, str] = {}
 
     async def call(i: int) -> None:
-        outcome = await executor.submit(Job("answer", IMAGE, text=f"q{i}"))
+        outcome = await executor.generate(ask(f"q{i}"))
         assert isinstance(outcome, GenerationOutcome)
         results[f"q{i}"] = outcome.segments[0]
 
@@ -127,7 +141,7 @@ async def test_jobs_arriving_together_form_one_batch_up_to_max_active() -> None:
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             for i in range(5):
-                tg.start_soon(executor.submit, Job("answer", IMAGE, text=f"q{i}"))
+                tg.start_soon(executor.generate, ask(f"q{i}"))
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)
             gate.set()
     executor.stop()
@@ -142,7 +156,7 @@ async def test_a_full_queue_rejects_exactly_the_overflow() -> None:
 
     async def call(i: int) -> None:
         try:
-            await executor.submit(Job("answer", IMAGE, text=f"q{i}"))
+            await executor.generate(ask(f"q{i}"))
             outcomes.append("ok")
         except Overloaded as error:
             outcomes.append("overloaded" if error.retry_after_s >= 1 else "overloaded without a retry hint")
@@ -168,13 +182,13 @@ async def test_a_job_cancelled_while_queued_never_runs() -> None:
     executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(executor.submit, Job("answer", IMAGE, text="first"))
+            tg.start_soon(executor.generate, ask("first"))
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)
             with anyio.CancelScope() as scope:
                 scope.cancel()
-                await executor.submit(Job("answer", IMAGE, text="cancelled"))
+                await executor.generate(ask("cancelled"))
             gate.set()
-        await executor.submit(Job("answer", IMAGE, text="after"))
+        await executor.generate(ask("after"))
     executor.stop()
     assert "cancelled" not in runner.ran and runner.ran == ["first", "after"]
 
@@ -183,13 +197,13 @@ async def test_a_running_job_cancelled_leaves_at_the_next_step() -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1000, gate=gate)
     executor = await started(Executor(lambda: runner, max_active=2, max_wait_ms=0))
-    job = Job("answer", IMAGE, text="long")
+    job = ask("long")
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
 
             async def call() -> None:
                 with pytest.raises(JobCancelled):
-                    await executor.submit(job)
+                    await executor.generate(job)
 
             tg.start_soon(call)
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)  # running, held inside its first step
@@ -209,7 +223,7 @@ async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_servin
 
     async def call(text: str) -> None:
         try:
-            await executor.submit(Job("answer", IMAGE, text=text))
+            await executor.generate(ask(text))
         except RuntimeError as error:
             errors.append(f"{text}: {error}")
 
@@ -217,7 +231,7 @@ async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_servin
         async with anyio.create_task_group() as tg:
             for text in ("a", "poison", "b"):
                 tg.start_soon(call, text)
-        assert (await executor.submit(Job("answer", IMAGE, text="later"))).segments == ("later",)  # type: ignore[union-attr]
+        assert (await executor.generate(ask("later"))).segments == ("later",)  # type: ignore[union-attr]
     executor.stop()
     assert sorted(errors) == [f"{t}: step failed" for t in ("a", "b", "poison")]
 
@@ -226,8 +240,8 @@ async def test_a_job_the_runner_rejects_fails_alone() -> None:
     executor = await started(Executor(lambda: FakeRunner(steps=1), max_wait_ms=0))
     with anyio.fail_after(10):
         with pytest.raises(ValueError, match="cannot run"):
-            await executor.submit(Job("answer", IMAGE, text="bad job"))
-        assert await executor.submit(Job("answer", IMAGE, text="fine"))
+            await executor.generate(ask("bad job"))
+        assert await executor.generate(ask("fine"))
     executor.stop()
 
 
@@ -240,7 +254,7 @@ async def test_a_model_that_fails_to_load_reports_why() -> None:
     assert not await executor.wait_ready(5)
     assert executor.state == "failed" and "no such checkpoint" in (executor.error or "")
     with pytest.raises(ModelNotReady, match="failed to load"):
-        await executor.submit(Job("answer", IMAGE, text="x"))
+        await executor.generate(ask("x"))
 
 
 async def test_a_queued_job_past_its_deadline_never_runs() -> None:
@@ -250,13 +264,13 @@ async def test_a_queued_job_past_its_deadline_never_runs() -> None:
     executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0, clock=lambda: now[0]))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(executor.submit, Job("answer", IMAGE, text="first"))
+            tg.start_soon(executor.generate, ask("first"))
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)
-            late = Job("answer", IMAGE, text="late", deadline=10.0)
+            late = ask("late", deadline=10.0)
 
             async def call_late() -> None:
                 with pytest.raises(DeadlineExceeded, match="before it ran"):
-                    await executor.submit(late)
+                    await executor.generate(late)
 
             tg.start_soon(call_late)
             while executor.queue_depth < 2:
@@ -272,13 +286,13 @@ async def test_a_running_job_past_its_deadline_stops_at_the_next_step_and_frees_
     gate = threading.Event()
     runner = FakeRunner(steps=1000, gate=gate)
     executor = await started(Executor(lambda: runner, max_active=2, max_wait_ms=0, clock=lambda: now[0]))
-    expiring = Job("answer", IMAGE, text="expiring", deadline=10.0)
+    expiring = ask("expiring", deadline=10.0)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
 
             async def call() -> None:
                 with pytest.raises(DeadlineExceeded, match="deadline while running"):
-                    await executor.submit(expiring)
+                    await executor.generate(expiring)
 
             tg.start_soon(call)
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)  # running, held inside its first step
@@ -286,7 +300,7 @@ async def test_a_running_job_past_its_deadline_stops_at_the_next_step_and_frees_
             gate.set()
         assert runner.cancelled == [expiring.id] and not runner.running and executor.running == 0
         runner.steps = 1  # the slot is free again: a new job runs and finishes
-        assert (await executor.submit(Job("answer", IMAGE, text="next"))).segments == ("next",)  # type: ignore[union-attr]
+        assert (await executor.generate(ask("next"))).segments == ("next",)  # type: ignore[union-attr]
     executor.stop()
     assert len([b for b in runner.batches if "expiring" in b]) <= 2  # stopped at once, not after 1000 steps
 
@@ -298,7 +312,7 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_gets_its_o
     results: dict[str, object] = {}
 
     async def call(text: str) -> None:
-        outcome = await executor.submit(Job("answer", IMAGE, text=text))
+        outcome = await executor.generate(ask(text))
         assert isinstance(outcome, GenerationOutcome)
         results[text] = outcome.segments[0]
 
@@ -331,7 +345,7 @@ async def test_a_job_that_does_not_fit_even_alone_fails_with_a_retry_hint_and_th
 
     async def call(text: str) -> None:
         try:
-            outcome = await executor.submit(Job("answer", IMAGE, text=text))
+            outcome = await executor.generate(ask(text))
             outcomes[text] = outcome.segments[0]  # type: ignore[union-attr]
         except OutOfDeviceMemory as error:
             errors.append(error)
@@ -346,7 +360,7 @@ async def test_a_job_that_does_not_fit_even_alone_fails_with_a_retry_hint_and_th
             while executor.queue_depth < 4:
                 await anyio.sleep(0)
             gate.set()
-        assert (await executor.submit(Job("answer", IMAGE, text="later"))).segments == ("later",)  # type: ignore[union-attr]
+        assert (await executor.generate(ask("later"))).segments == ("later",)  # type: ignore[union-attr]
     executor.stop()
     assert outcomes["a"] == "a" and outcomes["b"] == "b" and outcomes["blocker"] == "blocker"
     assert "ran out of memory" in outcomes["huge"] and "retry" in outcomes["huge"]
@@ -363,7 +377,7 @@ async def test_a_device_failure_fails_all_work_marks_the_executor_failed_and_cal
 
     async def call(text: str) -> None:
         try:
-            await executor.submit(Job("answer", IMAGE, text=text))
+            await executor.generate(ask(text))
         except DeviceFailed as error:
             errors[text] = error
 
@@ -376,7 +390,7 @@ async def test_a_device_failure_fails_all_work_marks_the_executor_failed_and_cal
                 await anyio.sleep(0)
             gate.set()
         with pytest.raises(ModelNotReady, match="device failed"):
-            await executor.submit(Job("answer", IMAGE, text="after"))
+            await executor.generate(ask("after"))
     executor.stop()
     assert set(errors) == {"boom", "queued"} and all("illegal memory access" in str(e) for e in errors.values())
     assert executor.state == "failed" and len(fatal) == 1 and "illegal memory access" in fatal[0]
@@ -390,7 +404,7 @@ async def test_draining_refuses_new_jobs_and_lets_admitted_ones_finish() -> None
     results: list[str] = []
 
     async def call(text: str) -> None:
-        outcome = await executor.submit(Job("answer", IMAGE, text=text))
+        outcome = await executor.generate(ask(text))
         results.append(outcome.segments[0])  # type: ignore[union-attr]
 
     with anyio.fail_after(10):
@@ -402,7 +416,7 @@ async def test_draining_refuses_new_jobs_and_lets_admitted_ones_finish() -> None
                 await anyio.sleep(0)
             executor.begin_shutdown()
             with pytest.raises(ShuttingDown, match="shutting down"):
-                await executor.submit(Job("answer", IMAGE, text="too late"))
+                await executor.generate(ask("too late"))
             assert not await executor.drain(0)  # still busy
             gate.set()
             assert await executor.drain(10)
@@ -419,7 +433,7 @@ async def test_stopping_after_a_drain_that_timed_out_fails_what_is_left() -> Non
 
             async def call() -> None:
                 with pytest.raises(JobCancelled, match="shutting down"):
-                    await executor.submit(Job("answer", IMAGE, text="stuck"))
+                    await executor.generate(ask("stuck"))
 
             tg.start_soon(call)
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)

@@ -40,7 +40,7 @@ def data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def load_bytes(data: bytes, **policy) -> image_io.LoadedImage:
+def load_bytes(data: bytes, **policy) -> image_io.DecodedImage:
     return load_image(data_uri(data), ImagePolicy(**policy))
 
 
@@ -166,7 +166,7 @@ def base(server) -> str:
     return f"http://127.0.0.1:{server.server_port}"
 
 
-def fetch(url: str, **kwargs) -> image_io.LoadedImage:
+def fetch(url: str, **kwargs) -> image_io.DecodedImage:
     policy = ImagePolicy(**{"allow_http": True, "url_timeout_s": kwargs.pop("timeout", 10.0), "url_ports": None}
                          | kwargs.pop("policy", {}))  # fmt: skip
     return load_image(url, policy, is_allowed_address=allow_loopback, **kwargs)

@@ -12,17 +12,21 @@ from support import make_image
 
 from mcp_server.executor import Executor
 from mcp_server.messages import (
+    DecodedImage,
     DeviceFailure,
+    GenerationJob,
     GenerationOutcome,
-    ImageRef,
     Job,
+    MaskJob,
     MaskOutcome,
     MaskPrompt,
     Outcome,
     StepOutOfMemory,
 )
-from mcp_server.runner import NextChatRunner, ObjectState
+from mcp_server.runner import NextChatRunner
+from nextchat import tasks
 from nextchat.loading import load_model
+from nextchat.pipeline import GroundedObject
 
 
 @pytest.fixture(scope="module", params=["tiny", "demo"])
@@ -36,9 +40,13 @@ def loaded(request: pytest.FixtureRequest, tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
-def images() -> list[ImageRef]:
+def images() -> list[DecodedImage]:
     arrays = [make_image(96, 60, 1), make_image(50, 90, 2), make_image(64, 64, 3)]
-    return [ImageRef(f"image{i}", a) for i, a in enumerate(arrays)]
+    return [DecodedImage(a, f"image{i}") for i, a in enumerate(arrays)]
+
+
+def locate(image: DecodedImage, query: str, max_new_tokens: int = 64) -> GenerationJob:
+    return GenerationJob(image=image, prompt=tasks.locate_all(query), max_new_tokens=max_new_tokens)
 
 
 def run_alone(runner: NextChatRunner, job: Job) -> Outcome:
@@ -73,8 +81,8 @@ def assert_same(a: Outcome, b: Outcome) -> None:
         for x, y in zip(a.objects, b.objects, strict=True):
             assert x.phrase == y.phrase
             np.testing.assert_allclose(x.box, y.box, atol=0.11)  # boxes are rounded to 0.1 px
-            assert isinstance(x.state, ObjectState) and isinstance(y.state, ObjectState)
-            torch.testing.assert_close(x.state.square_box, y.state.square_box, atol=1e-4, rtol=0)
+            assert isinstance(x.state, GroundedObject) and isinstance(y.state, GroundedObject)
+            np.testing.assert_allclose(x.state.square_box, y.state.square_box, atol=1e-4, rtol=0)
             torch.testing.assert_close(x.state.at_hidden, y.state.at_hidden, atol=1e-4, rtol=1e-4)
     else:
         assert isinstance(a, MaskOutcome) and isinstance(b, MaskOutcome)
@@ -84,23 +92,27 @@ def assert_same(a: Outcome, b: Outcome) -> None:
             assert (x != y).mean() < 1e-3  # a pixel whose logit is ~0 may flip
 
 
-def jobs(images: list[ImageRef], single_state: object) -> list[Job]:
+def jobs(images: list[DecodedImage], single_state: object) -> list[Job]:
     """Every kind of job, several on each image (so the batched runner reuses cached features)."""
+    two_prompts = (MaskPrompt(state=single_state), MaskPrompt(box=(1.0, 2.0, 30.0, 40.0)))
     return [
-        Job("locate", images[0], text="the red square", max_new_tokens=8),
-        Job("locate", images[1], text="all the circles", max_new_tokens=10),
-        Job("locate", images[2], text="the blue circle", single=True),
-        Job("describe", images[0], box=(10.0, 5.0, 60.0, 40.0), max_new_tokens=6),
-        Job("answer", images[1], text="What colour is the square?", ground=True, max_new_tokens=7),
-        Job("answer", images[2], text="Is there a triangle?", max_new_tokens=5),
-        Job("segment", images[0], prompts=(MaskPrompt(box=(5.0, 5.0, 50.0, 30.0)),)),
-        Job("segment", images[2], prompts=(MaskPrompt(state=single_state), MaskPrompt(box=(1.0, 2.0, 30.0, 40.0)))),
+        locate(images[0], "the red square", max_new_tokens=8),
+        locate(images[1], "all the circles", max_new_tokens=10),
+        GenerationJob(image=images[2], prompt=tasks.locate_one("the blue circle")),
+        GenerationJob(image=images[0], prompt=tasks.describe_region((10.0, 5.0, 60.0, 40.0)), max_new_tokens=6),
+        GenerationJob(
+            image=images[1], prompt=tasks.answer_question("What colour is the square?", True), max_new_tokens=7
+        ),
+        GenerationJob(image=images[2], prompt=tasks.answer_question("Is there a triangle?"), max_new_tokens=5),
+        MaskJob(image=images[0], prompts=(MaskPrompt(box=(5.0, 5.0, 50.0, 30.0)),)),
+        MaskJob(image=images[2], prompts=two_prompts),
     ]
 
 
 def test_batched_and_cached_results_equal_one_by_one_uncached_ones(loaded, images) -> None:
     net, tokenizer = loaded
-    located = run_alone(NextChatRunner(net, tokenizer), Job("locate", images[2], text="the blue circle", single=True))
+    single = GenerationJob(image=images[2], prompt=tasks.locate_one("the blue circle"))
+    located = run_alone(NextChatRunner(net, tokenizer), single)
     assert isinstance(located, GenerationOutcome) and located.objects
     state = located.objects[0].state
     alone = [run_alone(NextChatRunner(net, tokenizer), job) for job in jobs(images, state)]  # a fresh cache each
@@ -121,7 +133,7 @@ def test_an_out_of_memory_step_is_split_and_retried_with_correct_results(
     net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
     kinds = [("the red square", 0), ("the blue circle", 1), ("all the circles", 2), ("the green one", 0)]
     expected = {
-        (text, i): run_alone(NextChatRunner(net, tokenizer), Job("locate", images[i], text=text, max_new_tokens=6))
+        (text, i): run_alone(NextChatRunner(net, tokenizer), locate(images[i], text, max_new_tokens=6))
         for text, i in kinds
     }
     # The device holds at most two rows: a bigger batch runs out of memory. The first call waits for the test.
@@ -141,7 +153,7 @@ def test_an_out_of_memory_step_is_split_and_retried_with_correct_results(
 
     async def call(number: int, kind: tuple[str, int]) -> None:
         text, i = kind
-        results[number] = (kind, await executor.submit(Job("locate", images[i], text=text, max_new_tokens=6)))
+        results[number] = (kind, await executor.generate(locate(images[i], text, max_new_tokens=6)))
 
     async def main() -> None:
         executor.start()
@@ -181,8 +193,8 @@ def test_a_failed_step_drops_every_job_and_reports_the_kind_of_failure(
 ) -> None:
     net, tokenizer, _ = load_model(tiny_checkpoint, device="cpu")
     runner = NextChatRunner(net, tokenizer)
-    runner.submit(Job("locate", images[0], text="the red square", max_new_tokens=4))
-    runner.submit(Job("segment", images[1], prompts=(MaskPrompt(box=(1.0, 1.0, 20.0, 20.0)),)))
+    runner.submit(locate(images[0], "the red square", max_new_tokens=4))
+    runner.submit(MaskJob(image=images[1], prompts=(MaskPrompt(box=(1.0, 1.0, 20.0, 20.0)),)))
 
     def fail(*args, **kwargs):
         raise error
@@ -211,7 +223,8 @@ def test_fixed_length_mode_generates_exactly_n_tokens_even_when_the_model_would_
             return results
 
         monkeypatch.setattr(runner.engine, "step", step)
-        outcome = run_alone(runner, Job("answer", images[0], text="What is this?", max_new_tokens=20))
+        question = GenerationJob(image=images[0], prompt=tasks.answer_question("What is this?"), max_new_tokens=20)
+        outcome = run_alone(runner, question)
         assert isinstance(outcome, GenerationOutcome)
         assert outcome.finish_reason == ("stop" if fixed is None else "length")
     assert lengths[0] == 0 and lengths[1] in (7, 8)  # 8 only when the 7th token is <at> (its <boxes> follows)

@@ -101,4 +101,4 @@ def reliability_server(demo_settings: Settings):
     scenes, so what it answers about them means little; that every request gets its own answer is what counts)."""
     server = create_server(demo_settings)
     yield server
-    server.state.executor.stop()
+    server.app.executor.stop()

@@ -12,10 +12,10 @@ import pytest
 from hostile_images import EITHER, OK, Specimen, blank_bilevel_png, generated_images, hostile_corpus, mutated_seeds
 from reliability_support import one_sentence_problem, peak_rss_mib, percentiles, record_figures, rss_mib, sizes
 
-from mcp_server.image_io import ImageInputError, ImagePolicy, LoadedImage, decode_image
+from mcp_server.image_io import DecodedImage, ImageInputError, ImagePolicy, decode_image
 
 
-def contract_problem(data: bytes, image: LoadedImage, policy: ImagePolicy) -> str | None:
+def contract_problem(data: bytes, image: DecodedImage, policy: ImagePolicy) -> str | None:
     """Why a decoded image breaks the loader's output contract, or None."""
     pixels = image.pixels
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:

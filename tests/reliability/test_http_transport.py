@@ -71,7 +71,7 @@ def serve(checkpoint: Path, token: str | None = None) -> Iterator[tuple[Loopback
     app = server.streamable_http_app()
     with LoopbackHttp(bearer_guard(app, token) if token else app) as http:
         yield http, server
-    server.state.executor.stop()
+    server.app.executor.stop()
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +156,13 @@ async def test_two_sessions_with_colliding_request_ids_each_get_their_own_answer
 )
 async def test_foreign_host_or_origin_is_refused_before_any_tool_runs(http, headers: dict, status: int) -> None:
     service, server = http
-    images = len(server.state.images)
+    images = len(server.app.images)
     call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "status", "arguments": {}}}
     async with httpx2.AsyncClient(timeout=30) as client:
         for body in (INITIALIZE, call):
             response = await client.post(service.url, headers=HEADERS | headers, content=json.dumps(body))
             assert response.status_code == status, response.text
-    assert len(server.state.images) == images
+    assert len(server.app.images) == images
 
 
 async def test_loopback_host_and_origin_are_accepted(http) -> None:
@@ -179,14 +179,14 @@ async def test_loopback_host_and_origin_are_accepted(http) -> None:
 )
 async def test_a_set_token_is_required_on_every_request(http_with_token, authorization: str | None, status) -> None:
     service, server = http_with_token
-    images = len(server.state.images)
+    images = len(server.app.images)
     headers = HEADERS | ({"Authorization": authorization} if authorization else {})
     async with httpx2.AsyncClient(timeout=30) as client:
         response = await client.post(service.url, headers=headers, content=json.dumps(INITIALIZE))
     assert response.status_code == status, response.text
     if status == 401:
         assert TOKEN not in response.text
-    assert len(server.state.images) == images
+    assert len(server.app.images) == images
 
 
 async def test_stateless_2026_requests_are_served_and_see_no_session_handles(http) -> None:

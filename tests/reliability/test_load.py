@@ -72,7 +72,7 @@ def bounded_server():
     settings = Settings(model="demo", device="cpu", ready_wait_s=120)
     server = create_server(settings, runner_factory=lambda: NextChatRunner.load("demo", "cpu", cache_bytes=4 << 20))
     yield server
-    server.state.executor.stop()
+    server.app.executor.stop()
 
 
 @pytest.mark.timeout(1800)
@@ -83,7 +83,7 @@ async def test_memory_stays_bounded_over_thousands_of_requests(bounded_server, t
     numbers = itertools.count(5_000_000 + total)
     tally = Tally()
     samples: list[tuple[int, float]] = []
-    state = bounded_server.state
+    state = bounded_server.app
     plan = ["segment_object" if i % 10 < 3 else MIX[i % 3] for i in range(total)]
     done = 0
 

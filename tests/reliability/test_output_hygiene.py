@@ -14,9 +14,10 @@ from nonces import Nonce
 from reliability_support import one_sentence_problem
 
 from mcp_server import image_io
-from mcp_server.messages import FoundObject, GenerationOutcome, Job, MaskOutcome
-from mcp_server.server import MAX_TEXT, clean_text, create_server
+from mcp_server.messages import FoundObject, GenerationOutcome, Job, MaskJob, MaskOutcome
+from mcp_server.server import create_server
 from mcp_server.settings import Settings
+from mcp_server.text import MAX_TEXT, clean_text
 
 
 pytestmark = pytest.mark.anyio
@@ -60,7 +61,7 @@ class ScriptedRunner:
         self.device, self.dtype, self.model_name = "cpu", "float32", "scripted"
 
     def submit(self, job: Job) -> None:
-        if job.kind == "segment":
+        if isinstance(job, MaskJob):
             mask = np.zeros((job.image.height, job.image.width), dtype=bool)
             mask[1:4, 1:4] = True
             outcome: object = MaskOutcome((mask,), (0.9,), (False,))
@@ -88,7 +89,7 @@ class ScriptedRunner:
 def scripted_server():
     server = create_server(Settings(model="/srv/models/secret-checkpoint", device="cpu"), runner_factory=ScriptedRunner)
     yield server
-    server.state.executor.stop()
+    server.app.executor.stop()
 
 
 def strings(value) -> list[str]:
@@ -147,7 +148,7 @@ async def test_a_failed_model_load_is_reported_without_the_checkpoint_location(t
             failed = await client.call_tool("visual_qa", {"image": Nonce.make(5).uri, "question": "?"})
             status = (await client.call_tool("status", {})).structured_content
     finally:
-        server.state.executor.stop()
+        server.app.executor.stop()
     message = "".join(getattr(b, "text", "") for b in failed.content)
     assert failed.is_error and status["state"] == "failed"
     assert str(tmp_path) not in message and str(tmp_path) not in str(status)

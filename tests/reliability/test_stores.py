@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 
+from mcp_server.messages import DecodedImage
 from mcp_server.stores import BoundedStore, ImageStore, new_handle
 
 
@@ -56,16 +57,18 @@ def test_handles_are_128_random_bits_and_guesses_find_nothing() -> None:
     handles = {new_handle("img_") for _ in range(10_000)}
     assert len(handles) == 10_000 and all(re.fullmatch(r"img_[0-9a-f]{32}", h) for h in handles)
     images = ImageStore()
-    record = images.add(pixels(0), "sha-0")
+    record = images.add(DecodedImage(pixels(0), "sha-0"))
     guesses = [new_handle("img_") for _ in range(10_000)]
     assert record.handle not in guesses and all(images.get(g) is None for g in guesses)
 
 
 def test_an_owner_sees_only_its_own_images_and_the_same_bytes_get_a_handle_per_owner() -> None:
     images = ImageStore()
-    alice = images.add(pixels(1), "sha-1", owner="session-a")
-    assert images.add(pixels(1), "sha-1", owner="session-a") is alice  # same owner, same bytes: same handle
-    bob = images.add(pixels(1), "sha-1", owner="session-b")
+    alice = images.add(DecodedImage(pixels(1), "sha-1"), owner="session-a")
+    assert (
+        images.add(DecodedImage(pixels(1), "sha-1"), owner="session-a") is alice
+    )  # same owner, same bytes: same handle
+    bob = images.add(DecodedImage(pixels(1), "sha-1"), owner="session-b")
     assert bob.handle != alice.handle
     alice.add_object("the cat", (0, 0, 4, 4), state=None)
     assert images.get(alice.handle, "session-a") is alice
@@ -76,5 +79,5 @@ def test_an_owner_sees_only_its_own_images_and_the_same_bytes_get_a_handle_per_o
 def test_the_image_store_and_its_content_index_stay_bounded() -> None:
     images = ImageStore(max_entries=5, max_bytes=1 << 20)
     for i in range(50):
-        images.add(pixels(i), f"sha-{i}", owner=f"session-{i % 3}")
+        images.add(DecodedImage(pixels(i), f"sha-{i}"), owner=f"session-{i % 3}")
     assert len(images) == 5 and len(images._by_content) == 5

@@ -1,0 +1,140 @@
+"""What every connection shares: the settings, one executor (one model), the handle stores and the image policy.
+
+Tools reach it through the SDK's typed lifespan context (:data:`AppContext`); the server object keeps it too, for the
+command line and tests. No torch here: the model loads through the runner factory, in the executor's worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcp.server.connection import Connection
+from mcp.server.mcpserver import Context
+
+from mcp_server.executor import Executor, Runner
+from mcp_server.image_io import ImagePolicy
+from mcp_server.settings import Settings
+from mcp_server.stores import BoundedStore, ImageStore, Owner, StoredPicture
+
+
+MAX_MASKS, MAX_MASK_BYTES = 4096, 512 << 20
+MAX_OVERLAYS, MAX_OVERLAY_BYTES = 256, 128 << 20
+
+
+@dataclass(frozen=True)
+class PublicModelName:
+    """How results name the model, and the spellings of its location that must not reach a caller.
+
+    A hub id or ``demo`` is shown as given; a local checkpoint directory only by its last component, since the
+    caller may not read the server's filesystem.
+    """
+
+    name: str
+    locations: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, model: str) -> PublicModelName:
+        path = Path(model).expanduser()
+        if not (path.is_absolute() or model.startswith((".", "~")) or path.exists()):
+            return cls(model)
+        spellings = {model, str(path), os.path.abspath(path), os.path.realpath(path)}
+        return cls(path.name or model, tuple(sorted(spellings - {path.name}, key=len, reverse=True)))
+
+    def redact(self, text: str) -> str:
+        """``text`` with every spelling of the checkpoint's location replaced by its public name."""
+        for location in self.locations:
+            text = text.replace(location, self.name)
+        return text
+
+
+def default_runner_factory(settings: Settings) -> Callable[[], Runner]:
+    """Loads NExT-Chat in the worker thread (the only place the server imports torch)."""
+
+    def build() -> Runner:
+        from mcp_server.runner import NextChatRunner
+
+        return NextChatRunner.load(
+            settings.model,
+            settings.device,
+            settings.dtype,
+            fixed_new_tokens=settings.fixed_new_tokens,
+            cpu_threads=settings.cpu_threads,
+            cuda_graphs=settings.cuda_graphs,
+        )
+
+    return build
+
+
+def _picture_size(item: StoredPicture) -> int:
+    return len(item.data)
+
+
+@dataclass
+class AppState:
+    """The server's shared state. Build it with :meth:`create`; the model starts loading at :meth:`start`."""
+
+    settings: Settings
+    executor: Executor
+    images: ImageStore
+    masks: BoundedStore[StoredPicture]
+    overlays: BoundedStore[StoredPicture]
+    policy: ImagePolicy
+    model: PublicModelName
+    started: bool = field(default=False, init=False)
+
+    @classmethod
+    def create(cls, settings: Settings, runner_factory: Callable[[], Runner] | None = None) -> AppState:
+        executor = Executor(
+            runner_factory or default_runner_factory(settings),
+            max_queue=settings.max_queue,
+            max_active=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+        )
+        return cls(
+            settings=settings,
+            executor=executor,
+            images=ImageStore(ttl_s=settings.handle_ttl_s),
+            masks=BoundedStore(MAX_MASKS, MAX_MASK_BYTES, settings.handle_ttl_s, _picture_size),
+            overlays=BoundedStore(MAX_OVERLAYS, MAX_OVERLAY_BYTES, settings.handle_ttl_s, _picture_size),
+            policy=ImagePolicy(
+                allowed_dirs=settings.allow_dirs, allow_urls=settings.allow_urls, allow_http=settings.allow_http
+            ),
+            model=PublicModelName.of(settings.model),
+        )
+
+    def start(self) -> None:
+        """Start the executor (it loads the model in its worker thread); once per process."""
+        if not self.started:
+            self.started = True
+            self.executor.start()
+
+    def model_label(self) -> str:
+        """The model as results name it: the public name, plus the checkpoint's own name when it differs."""
+        name = self.executor.runner_info.get("model_name")
+        return f"{self.model.name} ({name})" if name and name != self.model.name else self.model.name
+
+    def public_error(self) -> str | None:
+        """The executor's error with the checkpoint's location reduced to its name (the caller may not read it)."""
+        error = self.executor.error
+        return None if error is None else self.model.redact(error)
+
+
+AppContext = Context[AppState]
+"""What tools receive: the request's context, whose lifespan context is the :class:`AppState`."""
+
+
+def session_owner(ctx: Context[AppState] | Context) -> Owner:
+    """The streamable-HTTP session a request arrived on, or ``None`` (stdio, in-memory, stateless HTTP).
+
+    Read from the connection the SDK built for the transport session, not from the ``Mcp-Session-Id`` header: on the
+    stateless and 2026-07-28 HTTP paths that header reaches the tool unchecked, so it would let a client name itself
+    any session. MCPServer's ``Context`` does not surface the connection, hence the lookup through the request's
+    session object; a failed lookup is an error (the call fails) rather than silently unbinding handles.
+    """
+    connection = ctx.request_context.session._connection  # pyright: ignore[reportPrivateUsage]  # see above
+    if not isinstance(connection, Connection):
+        raise TypeError("the request's session carries no MCP connection")
+    return connection.session_id
