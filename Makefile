@@ -2,6 +2,7 @@
 # make demo  — create .venv, install, run a scripted agent over stdio on the embedded demo model (CPU, ~1 min)
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
+# make lint  — ruff (lint, complexity, format) on every package, pyright (strict on mcp_server/), tools_schema/ drift
 # The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
 # torchvision from local files (segment-anything needs torchvision). Override TORCH_SPEC elsewhere.
 
@@ -9,6 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+LINTED := nextchat mcp_server benchmarks examples tests
 
 .PHONY: test test-slow demo lint install clean bench
 
@@ -33,9 +35,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset auto --device cpu
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check nextchat tests
-	$(VENV)/bin/ruff format --check nextchat tests
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/pyright
+	$(PY) -m mcp_server.schema_files --check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache demo_output

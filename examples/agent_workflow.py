@@ -14,11 +14,17 @@ import base64
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
 from mcp import Client, StdioServerParameters
+from mcp.types import BlobResourceContents
 from PIL import Image, ImageDraw
+
+
+if TYPE_CHECKING:
+    from nextchat.demo.world import Scene
 
 
 async def call(client: Client, tool: str, arguments: dict) -> dict:
@@ -42,7 +48,15 @@ def draw_overlay(pixels: np.ndarray, mask: np.ndarray, boxes: list[tuple[str, li
     return picture
 
 
-def scene_image(out: Path, seed: int) -> tuple[Path, str, object]:
+async def read_blob(client: Client, uri: str) -> bytes:
+    """The bytes of a binary resource (a mask PNG, an overlay JPEG)."""
+    contents = (await client.read_resource(uri)).contents[0]
+    if not isinstance(contents, BlobResourceContents):
+        raise SystemExit(f"{uri} is not a binary resource")
+    return base64.b64decode(contents.blob)
+
+
+def scene_image(out: Path, seed: int) -> tuple[Path, str, Scene]:
     from nextchat.demo.world import render_scene
 
     scene = render_scene(np.random.default_rng(seed), min_objects=3, max_objects=4)
@@ -60,7 +74,7 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    scene = None
+    scene: Scene | None = None
     if args.image is None:
         image_path, query, scene = scene_image(args.out, args.seed)
         query = args.query or query
@@ -85,10 +99,8 @@ async def main() -> None:
         )
         grounded = await call(client, "visual_qa", {"image": image_id, "question": "What shapes are in the image?"})
 
-        mask_png = base64.b64decode((await client.read_resource(segment["mask_uri"])).contents[0].blob)
-        (args.out / "mask.png").write_bytes(mask_png)
-        overlay = base64.b64decode((await client.read_resource(segment["overlay_uri"])).contents[0].blob)
-        (args.out / "server_overlay.jpg").write_bytes(overlay)
+        (args.out / "mask.png").write_bytes(await read_blob(client, segment["mask_uri"]))
+        (args.out / "server_overlay.jpg").write_bytes(await read_blob(client, segment["overlay_uri"]))
     pixels = np.asarray(Image.open(image_path).convert("RGB"))
     mask = np.asarray(Image.open(args.out / "mask.png")) > 127
     boxes = [(o["id"], o["box"]) for o in grounded["evidence"]] + [(obj["id"], obj["box"])]

@@ -193,25 +193,7 @@ def decode_image(data: bytes, policy: ImagePolicy, source: str) -> DecodedImage:
 
 def _read_local(path_text: str, policy: ImagePolicy) -> bytes:
     """Read a local file under ``policy.allowed_dirs`` with symlink, special-file and size checks."""
-    if "\x00" in path_text:
-        raise ImageInputError("image path contains a NUL byte; pass a plain absolute path")
-    if len(path_text) > MAX_PATH_LENGTH:
-        raise ImageInputError(f"image path is longer than {MAX_PATH_LENGTH} characters; pass a shorter path")
-    if not os.path.isabs(path_text):
-        raise ImageInputError(f"image path {_echo(path_text)} is relative; pass an absolute path (~ is not expanded)")
-    if not policy.allowed_dirs:
-        raise ImageInputError(_ENABLE_LOCAL)
-    try:
-        real = Path(os.path.realpath(path_text))
-    except OSError:  # a link replaced by a file while it was being resolved (EINVAL), a link loop, ...
-        raise ImageInputError(f"image path {_echo(path_text)} changed while it was read; try again") from None
-    # Same message whether or not the file exists, so the caller learns nothing about the rest of the filesystem.
-    outside = ImageInputError(
-        "image path is not inside an allowed directory; pass a file under one of: "
-        + ", ".join(str(root) for root in policy.allowed_dirs)
-    )
-    if not any(real.is_relative_to(root) for root in policy.allowed_dirs):
-        raise outside
+    real = _real_path(path_text, policy)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(real, flags)
@@ -226,30 +208,68 @@ def _read_local(path_text: str, policy: ImagePolicy) -> bytes:
             opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
             opened = real
-        if not any(opened.is_relative_to(root) for root in policy.allowed_dirs):
-            raise outside
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageInputError(f"image path {_echo(path_text)} is a directory; pass an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageInputError(f"image path {_echo(path_text)} is not a regular file; pass an image file")
-        if info.st_size > policy.max_bytes:
-            raise ImageInputError(f"image file is larger than {policy.max_bytes} bytes; pass a smaller image")
-        chunks: list[bytes] = []
-        total = 0
-        while True:  # read at most max_bytes + 1: the file may grow after fstat
-            chunk = os.read(fd, min(1 << 20, policy.max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > policy.max_bytes:
-                raise ImageInputError(f"image file is larger than {policy.max_bytes} bytes; pass a smaller image")
-        return b"".join(chunks)
+        if not _inside_roots(opened, policy):
+            raise _outside_roots(policy)
+        _check_regular_file(fd, path_text, policy)
+        return _read_capped(fd, policy.max_bytes)
     except OSError:
         raise ImageInputError(f"image file {_echo(path_text)} could not be read; pass a readable file") from None
     finally:
         os.close(fd)
+
+
+def _real_path(path_text: str, policy: ImagePolicy) -> Path:
+    """The real path of a caller's absolute path, refused unless it lies under an allowed directory."""
+    if "\x00" in path_text:
+        raise ImageInputError("image path contains a NUL byte; pass a plain absolute path")
+    if len(path_text) > MAX_PATH_LENGTH:
+        raise ImageInputError(f"image path is longer than {MAX_PATH_LENGTH} characters; pass a shorter path")
+    if not os.path.isabs(path_text):
+        raise ImageInputError(f"image path {_echo(path_text)} is relative; pass an absolute path (~ is not expanded)")
+    if not policy.allowed_dirs:
+        raise ImageInputError(_ENABLE_LOCAL)
+    try:
+        real = Path(os.path.realpath(path_text))
+    except OSError:  # a link replaced by a file while it was being resolved (EINVAL), a link loop, ...
+        raise ImageInputError(f"image path {_echo(path_text)} changed while it was read; try again") from None
+    if not _inside_roots(real, policy):
+        raise _outside_roots(policy)
+    return real
+
+
+def _inside_roots(path: Path, policy: ImagePolicy) -> bool:
+    return any(path.is_relative_to(root) for root in policy.allowed_dirs)
+
+
+def _outside_roots(policy: ImagePolicy) -> ImageInputError:
+    # Same message whether or not the file exists, so the caller learns nothing about the rest of the filesystem.
+    return ImageInputError(
+        "image path is not inside an allowed directory; pass a file under one of: "
+        + ", ".join(str(root) for root in policy.allowed_dirs)
+    )
+
+
+def _check_regular_file(fd: int, path_text: str, policy: ImagePolicy) -> None:
+    """Refuse directories, FIFOs, devices and sockets, and files over the byte cap (from ``fstat``, before reading)."""
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageInputError(f"image path {_echo(path_text)} is a directory; pass an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageInputError(f"image path {_echo(path_text)} is not a regular file; pass an image file")
+    if info.st_size > policy.max_bytes:
+        raise ImageInputError(f"image file is larger than {policy.max_bytes} bytes; pass a smaller image")
+
+
+def _read_capped(fd: int, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` from ``fd``; one byte more is an error (the file may grow after ``fstat``)."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageInputError(f"image file is larger than {max_bytes} bytes; pass a smaller image")
+    return b"".join(chunks)
 
 
 def _file_uri_path(uri: str) -> str:
@@ -319,7 +339,45 @@ def load_image(
     Raises:
         ImageInputError: With one actionable sentence for the calling agent.
     """
-    if not isinstance(spec, str):
+    data, source = image_bytes(spec, policy, resolver=resolver, is_allowed_address=is_allowed_address)
+    return decode_image(data, policy, source)
+
+
+def image_bytes(
+    spec: str,
+    policy: ImagePolicy,
+    *,
+    resolver: Resolver | None = None,
+    is_allowed_address: AddressCheck | None = None,
+) -> tuple[bytes, str]:
+    """The bytes an ``image`` argument names, read under ``policy`` (capped), and their source: ``"path"``,
+    ``"url"`` or ``"data"``. Nothing is decoded yet. See :func:`load_image` for the arguments."""
+    text = _argument_text(spec)
+    scheme_match = _SCHEME.match(text)
+    scheme = scheme_match.group(1).lower() if scheme_match else ""
+    if scheme == "data":
+        return _decode_base64(_data_uri_payload(text), policy), "data"
+    if scheme == "file":
+        return _read_local(_file_uri_path(text), policy), "path"
+    if scheme in ("http", "https"):
+        return _fetch(text, policy, resolver, is_allowed_address), "url"
+    if scheme:
+        raise ImageInputError(
+            f"image scheme {scheme[:20]!r} is not supported; pass an https URL, a data:image URI or an absolute path"
+        )
+    if text.startswith("/"):
+        return _read_local(text, policy), "path"
+    if looks_like_base64(text):
+        return _decode_base64(text, policy), "data"
+    raise ImageInputError(
+        f"image {_echo(text)} is not an absolute path, URL, data URI or base64 image; "
+        "pass an absolute path (relative paths and ~ are not accepted)"
+    )
+
+
+def _argument_text(spec: str) -> str:
+    """The argument stripped of surrounding whitespace; refused when empty or not valid Unicode."""
+    if not isinstance(spec, str):  # pyright: ignore[reportUnnecessaryIsInstance]  # in-process callers pass anything
         raise ImageInputError("image must be a string: a path, URL, data URI or base64 text")
     text = spec.strip()
     if not text:
@@ -329,41 +387,25 @@ def load_image(
             text.encode("utf-8")  # lone surrogates reach here from in-process callers; the OS would refuse them
         except UnicodeEncodeError:
             raise ImageInputError("image is not valid Unicode text; pass a plain path, URL or base64 image") from None
-    scheme_match = _SCHEME.match(text)
-    scheme = scheme_match.group(1).lower() if scheme_match else ""
-    if scheme == "data":
-        return decode_image(_decode_base64(_data_uri_payload(text), policy), policy, "data")
-    if scheme == "file":
-        return decode_image(_read_local(_file_uri_path(text), policy), policy, "path")
-    if scheme in ("http", "https"):
-        if not policy.allow_urls:
-            raise ImageInputError("URLs are disabled on this server; pass an absolute path or base64 image data")
-        try:
-            body = fetch_url(
-                text,
-                allow_http=policy.allow_http,
-                max_bytes=policy.max_bytes,
-                timeout_s=policy.url_timeout_s,
-                max_redirects=policy.max_redirects,
-                allowed_ports=policy.url_ports,
-                resolver=resolver,
-                is_allowed_address=is_allowed_address,
-            )
-        except UrlRejected as error:
-            raise ImageInputError(str(error)) from None
-        return decode_image(body, policy, "url")
-    if scheme:
-        raise ImageInputError(
-            f"image scheme {scheme[:20]!r} is not supported; pass an https URL, a data:image URI or an absolute path"
+    return text
+
+
+def _fetch(url: str, policy: ImagePolicy, resolver: Resolver | None, is_allowed_address: AddressCheck | None) -> bytes:
+    if not policy.allow_urls:
+        raise ImageInputError("URLs are disabled on this server; pass an absolute path or base64 image data")
+    try:
+        return fetch_url(
+            url,
+            allow_http=policy.allow_http,
+            max_bytes=policy.max_bytes,
+            timeout_s=policy.url_timeout_s,
+            max_redirects=policy.max_redirects,
+            allowed_ports=policy.url_ports,
+            resolver=resolver,
+            is_allowed_address=is_allowed_address,
         )
-    if text.startswith("/"):
-        return decode_image(_read_local(text, policy), policy, "path")
-    if looks_like_base64(text):
-        return decode_image(_decode_base64(text, policy), policy, "data")
-    raise ImageInputError(
-        f"image {_echo(text)} is not an absolute path, URL, data URI or base64 image; "
-        "pass an absolute path (relative paths and ~ are not accepted)"
-    )
+    except UrlRejected as error:
+        raise ImageInputError(str(error)) from None
 
 
 __all__ = [
@@ -372,6 +414,7 @@ __all__ = [
     "ImageInputError",
     "ImagePolicy",
     "decode_image",
+    "image_bytes",
     "load_image",
     "looks_like_base64",
     "sniff_format",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -23,15 +24,22 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def coco_rle(mask: np.ndarray) -> dict[str, object]:
+class CocoRleDict(TypedDict):
+    """COCO compressed RLE: ``size`` is ``[H, W]``; ``counts`` the column-major run lengths, LEB128-like in ASCII."""
+
+    size: list[int]
+    counts: str
+
+
+def coco_rle(mask: np.ndarray) -> CocoRleDict:
     """bool ``[H, W]`` → COCO compressed RLE ``{"size": [H, W], "counts": str}`` (pycocotools' format)."""
     flat = np.asfortranarray(mask).ravel(order="F").astype(np.uint8)
     changes = np.flatnonzero(np.diff(flat)) + 1
     bounds = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(bounds).tolist()
+    runs: list[int] = np.diff(bounds).tolist()
     if flat.size and flat[0] == 1:  # counts always start with a run of zeros
         runs = [0, *runs]
-    chars = []
+    chars: list[str] = []
     for i, run in enumerate(runs):
         x = run - runs[i - 2] if i > 2 else run
         more = True
@@ -45,9 +53,9 @@ def coco_rle(mask: np.ndarray) -> dict[str, object]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
 
 
-def decode_coco_rle(rle: dict[str, object]) -> np.ndarray:
+def decode_coco_rle(rle: CocoRleDict) -> np.ndarray:
     """Inverse of :func:`coco_rle` (for tests and scripted clients without pycocotools)."""
-    height, width = rle["size"]  # type: ignore[misc]
+    height, width = rle["size"]
     counts: list[int] = []
     text = str(rle["counts"])
     p = 0

@@ -318,7 +318,8 @@ class NextChatRunner:
         return [(job.id, self._masks_for(job, images[job.image.sha256])) for job in jobs]
 
     def _masks_for(self, job: MaskJob, sam_image: SamImage) -> MaskOutcome:
-        states, boxes = [], []
+        states: list[torch.Tensor] = []
+        boxes: list[torch.Tensor] = []
         for prompt in job.prompts:
             objects = [prompt.state] if isinstance(prompt.state, GroundedObject) else []
             given = [prompt.box] if prompt.box is not None and not objects else []
@@ -333,7 +334,7 @@ class NextChatRunner:
         # The geometry comes from the job: a cache lookup here could re-encode an evicted image just to read its size.
         geometry = ImageGeometry(job.image.width, job.image.height)
         answer = self.pipeline.answer(job.prompt, result, geometry)
-        objects = []
+        objects: list[FoundObject] = []
         for obj in answer.objects:
             x1, y1, x2, y2 = (round(v, 1) for v in obj.box)
             objects.append(FoundObject(obj.phrase, (x1, y1, x2, y2), obj))

@@ -15,7 +15,7 @@ A tool is one module under ``mcp_server/tools/``; :data:`TOOLS` is the list the 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -55,7 +55,7 @@ class NextChatServer(MCPServer[AppState]):
 
     def __init__(self, app: AppState) -> None:
         @asynccontextmanager
-        async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        async def lifespan(_: MCPServer[AppState]) -> AsyncGenerator[AppState]:
             app.start()  # once per process: every connection shares the model
             yield app
 
@@ -63,7 +63,7 @@ class NextChatServer(MCPServer[AppState]):
         self.app = app
 
     async def call_tool(
-        self, name: str, arguments: dict[str, Any], context: Context | None = None
+        self, name: str, arguments: dict[str, Any], context: Context[AppState] | None = None
     ) -> CallToolResult | InputRequiredResult:
         try:
             return await super().call_tool(name, arguments, context)

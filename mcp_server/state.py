@@ -134,7 +134,5 @@ def session_owner(ctx: Context[AppState] | Context) -> Owner:
     any session. MCPServer's ``Context`` does not surface the connection, hence the lookup through the request's
     session object; a failed lookup is an error (the call fails) rather than silently unbinding handles.
     """
-    connection = ctx.request_context.session._connection  # pyright: ignore[reportPrivateUsage]  # see above
-    if not isinstance(connection, Connection):
-        raise TypeError("the request's session carries no MCP connection")
+    connection: Connection = ctx.request_context.session._connection  # pyright: ignore[reportPrivateUsage]  # see above
     return connection.session_id

@@ -115,7 +115,7 @@ class StoredImage:
 
     handle: str
     image: DecodedImage
-    objects: dict[str, StoredObject] = field(default_factory=dict)
+    objects: dict[str, StoredObject] = field(default_factory=lambda: dict[str, StoredObject]())
     _next_object: int = 1
 
     def add_object(self, phrase: str, box: Box, state: object) -> str:

@@ -10,6 +10,7 @@ The standard library's ``http.client`` is used on top of a socket this module op
 redirect logic of its own, which is exactly what is wanted here.
 """
 
+import contextlib
 import http.client
 import io
 import ipaddress
@@ -17,13 +18,16 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Resolver = Callable[..., list]
+AddressInfo = tuple[Any, ...]
+"""One ``getaddrinfo`` answer: ``(family, type, proto, canonname, sockaddr)``; ``sockaddr[0]`` is the address."""
+Resolver = Callable[..., Sequence[AddressInfo]]
 """Same calling convention as ``socket.getaddrinfo(host, port, family, type)``."""
 AddressCheck = Callable[[IPAddress], bool]
 Connector = Callable[[str, int, str, bool, float], socket.socket]
@@ -194,7 +198,7 @@ def resolve_pinned(host: str, port: int, resolver: Resolver | None, is_allowed: 
         if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback, no need to ask DNS
             raise UrlRejected(f"URL host resolves to a non-public address; {_PUBLIC_HINT}")
         try:
-            infos = (resolver or socket.getaddrinfo)(host, port, 0, socket.SOCK_STREAM)
+            infos: Sequence[AddressInfo] = (resolver or socket.getaddrinfo)(host, port, 0, socket.SOCK_STREAM)
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         except (OSError, UnicodeError, ValueError, IndexError, TypeError):
             raise UrlRejected("URL host could not be resolved; check the host name") from None
@@ -230,7 +234,7 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer: memoryview) -> int:  # pyright: ignore[reportIncompatibleMethodOverride]  # any buffer
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("fetch deadline passed")
@@ -335,41 +339,56 @@ def fetch_url(
         sock: socket.socket | None = None
         response: http.client.HTTPResponse | None = None
         try:
-            timeout = min(CONNECT_TIMEOUT_S, max(0.001, deadline - time.monotonic()))
-            sock = (connect or default_connect)(ip, target.port, target.host, target.tls, timeout)
-            response = _fetch_once(target, sock, deadline)
-            status = response.status
-            if status in _REDIRECTS:
-                location = response.getheader("Location")
-                if not location:
-                    raise UrlRejected(f"URL returned HTTP {status} without a Location; pass the final image URL")
-                url = urljoin(target.url, location.strip())
-                continue
-            if not 200 <= status < 300:
-                raise UrlRejected(f"URL returned HTTP {status}; pass a URL that serves the image directly")
-            encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
-            if encoding != "identity":
-                raise UrlRejected("URL response is content-encoded; pass a URL that serves the raw image bytes")
-            content_type = (response.getheader("Content-Type") or "").strip().lower()
-            if not content_type.startswith("image/"):
-                raise UrlRejected("URL does not serve an image content type; pass a direct link to the image file")
-            return _read_body(response, max_bytes)
-        except UrlRejected:
-            raise
-        except TimeoutError:
-            raise UrlRejected(f"URL fetch took over {timeout_s:g} s; pass a faster URL or a local file") from None
-        except ssl.SSLCertVerificationError:
-            raise UrlRejected("URL host's TLS certificate could not be verified; pass a URL with a valid one") from None
-        except (http.client.HTTPException, ssl.SSLError, ValueError):
-            raise UrlRejected("URL server sent a malformed response; pass a different URL") from None
-        except OSError:
-            raise UrlRejected("could not connect to the URL host; check the URL or pass the image as a file") from None
+            with _as_rejections(timeout_s):
+                timeout = min(CONNECT_TIMEOUT_S, max(0.001, deadline - time.monotonic()))
+                sock = (connect or default_connect)(ip, target.port, target.host, target.tls, timeout)
+                response = _fetch_once(target, sock, deadline)
+                redirect = _redirect_target(response, target)
+                if redirect is None:
+                    return _read_body(response, max_bytes)
+                url = redirect
         finally:
             if response is not None:
                 response.close()
             if sock is not None:
                 sock.close()
     raise UrlRejected(f"URL redirected more than {max_redirects} times; pass the final image URL")
+
+
+def _redirect_target(response: http.client.HTTPResponse, target: _Target) -> str | None:
+    """Where a redirect points, or ``None`` for a response that serves image bytes; any other response is refused."""
+    status = response.status
+    if status in _REDIRECTS:
+        location = response.getheader("Location")
+        if not location:
+            raise UrlRejected(f"URL returned HTTP {status} without a Location; pass the final image URL")
+        return urljoin(target.url, location.strip())
+    if not 200 <= status < 300:
+        raise UrlRejected(f"URL returned HTTP {status}; pass a URL that serves the image directly")
+    encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise UrlRejected("URL response is content-encoded; pass a URL that serves the raw image bytes")
+    content_type = (response.getheader("Content-Type") or "").strip().lower()
+    if not content_type.startswith("image/"):
+        raise UrlRejected("URL does not serve an image content type; pass a direct link to the image file")
+    return None
+
+
+@contextlib.contextmanager
+def _as_rejections(timeout_s: float) -> Generator[None]:
+    """Network and protocol failures of one hop as one-sentence, address-free :class:`UrlRejected` errors."""
+    try:
+        yield
+    except UrlRejected:
+        raise
+    except TimeoutError:
+        raise UrlRejected(f"URL fetch took over {timeout_s:g} s; pass a faster URL or a local file") from None
+    except ssl.SSLCertVerificationError:
+        raise UrlRejected("URL host's TLS certificate could not be verified; pass a URL with a valid one") from None
+    except (http.client.HTTPException, ssl.SSLError, ValueError):
+        raise UrlRejected("URL server sent a malformed response; pass a different URL") from None
+    except OSError:
+        raise UrlRejected("could not connect to the URL host; check the URL or pass the image as a file") from None
 
 
 __all__ = [

@@ -366,34 +366,30 @@ class NextChatEngine:
         at_rows = [row for row, slot in enumerate(slots) if slot.input_is_at]
         token_rows = [row for row, slot in enumerate(slots) if not slot.input_is_at]
         if at_rows:
-            # These steps' input was <at>: the state locates the object; what they predict is replaced by <boxes>.
-            at_hidden = hidden[at_rows]
-            boxes = self.model.decode_boxes(at_hidden).float().cpu()
-            feedback = self.model.box_feedback(at_hidden)
-            for k, row in enumerate(at_rows):
-                slot = slots[row]
-                slot.objects.append(LocatedObject(len(slot.tokens) - 1, boxes[k], at_hidden[k].clone()))
-                slot.tokens.append(self.ids.boxes)
-                slot.next_embed = feedback[k]
-                slot.input_is_at = False
-                if len(slot.tokens) >= slot.request.max_new_tokens:
-                    slot.finish_reason = "length"
-        if not token_rows:
-            return
-        picked = logits[token_rows]
-        bias_rows, bias_ids, bias_values = [], [], []
-        for k, row in enumerate(token_rows):
-            for token_id, bias in slots[row].request.logit_bias.items():
-                bias_rows.append(k)
-                bias_ids.append(token_id)
-                bias_values.append(bias)
-        if bias_rows:
-            index = (torch.tensor(bias_rows, device=picked.device), torch.tensor(bias_ids, device=picked.device))
-            values = torch.tensor(bias_values, dtype=picked.dtype, device=picked.device)
-            picked = picked.index_put(index, values, accumulate=True)
-        tokens: list[int] = picked.argmax(-1).tolist()
+            self._locate(slots, at_rows, hidden[at_rows])
+        if token_rows:
+            self._next_tokens(slots, token_rows, logits[token_rows])
+
+    def _locate(self, slots: list[_Slot], rows: list[int], at_hidden: torch.Tensor) -> None:
+        """Rows whose step read ``<at>``: the state ``[R, hidden]`` locates an object; ``<boxes>`` comes next, with
+        the box's embedding as its input (whatever the step predicted)."""
+        boxes = self.model.decode_boxes(at_hidden).float().cpu()
+        feedback = self.model.box_feedback(at_hidden)
+        for k, row in enumerate(rows):
+            slot = slots[row]
+            slot.objects.append(LocatedObject(len(slot.tokens) - 1, boxes[k], at_hidden[k].clone()))
+            slot.tokens.append(self.ids.boxes)
+            slot.next_embed = feedback[k]
+            slot.input_is_at = False
+            if len(slot.tokens) >= slot.request.max_new_tokens:
+                slot.finish_reason = "length"
+
+    def _next_tokens(self, slots: list[_Slot], rows: list[int], logits: torch.Tensor) -> None:
+        """Greedy tokens for the other rows from their logits ``[R, vocab]`` (each request's bias added): end of
+        answer, or the next input."""
+        tokens: list[int] = self._biased(logits, [slots[row] for row in rows]).argmax(-1).tolist()
         growing = []
-        for row, token in zip(token_rows, tokens, strict=True):
+        for row, token in zip(rows, tokens, strict=True):
             slot = slots[row]
             if token == self.ids.eos:
                 slot.finish_reason = "stop"
@@ -408,6 +404,20 @@ class NextChatEngine:
             ids = torch.tensor([slot.tokens[-1] for slot in growing], device=self.model.device)
             for slot, embed in zip(growing, self.model.embed_tokens(ids), strict=True):
                 slot.next_embed = embed
+
+    @staticmethod
+    def _biased(logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
+        """``logits`` ``[R, vocab]`` plus each row's request ``logit_bias`` (one scatter for the whole batch)."""
+        rows, token_ids, values = [], [], []
+        for k, slot in enumerate(slots):
+            for token_id, bias in slot.request.logit_bias.items():
+                rows.append(k)
+                token_ids.append(token_id)
+                values.append(bias)
+        if not rows:
+            return logits
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(token_ids, device=logits.device))
+        return logits.index_put(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
 
     def _join(self, slots: list[_Slot], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch."""

@@ -3,8 +3,7 @@
 A checkpoint directory holds ``config.json`` (``model_type: nextchat``), the weights as ``pytorch_model.bin``,
 sharded ``pytorch_model-*.bin`` with ``pytorch_model.bin.index.json`` (the published 7B), or safetensors (single or
 sharded, what :func:`save_pretrained` writes), and the tokenizer files. State-dict keys are the official names,
-which are this package's attribute names; the few differences between checkpoint eras are data in
-:data:`IGNORED_KEYS` and :data:`KEY_RENAMES`.
+which are this package's attribute names; the keys some checkpoint eras add are data in :data:`IGNORED_KEYS`.
 """
 
 from __future__ import annotations
@@ -32,10 +31,6 @@ IGNORED_KEYS = (
     re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     re.compile(r"^model\.vision_tower\.vision_model\.embeddings\.position_ids$"),
 )
-
-# Renames from other layouts to ours (pattern, replacement). A standalone CLIPVisionModel checkpoint and a SAM
-# ``.pth`` are read through the same table with a prefix added first.
-KEY_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = ()
 
 CLIP_PREFIX = "model.vision_tower."
 SAM_PREFIX = "sam.model."
@@ -196,12 +191,6 @@ def read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _rename(key: str) -> str:
-    for pattern, replacement in KEY_RENAMES:
-        key = pattern.sub(replacement, key)
-    return key
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # load_model
 
@@ -281,7 +270,7 @@ def load_model(
         if any(p.search(key) for p in IGNORED_KEYS):
             report.ignored.append(key)
         else:
-            state[_rename(key)] = tensor
+            state[key] = tensor
     if not any(k.startswith(CLIP_PREFIX) for k in state):
         clip_state, report.sources["vision_tower"] = _vision_tower_weights(config)
         state.update(clip_state)

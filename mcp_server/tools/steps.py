@@ -128,8 +128,6 @@ class ToolCall:
     async def _model_ready(self) -> None:
         """Wait (reporting progress) while the model loads, up to the server's ready wait."""
         executor, wait_s = self.app.executor, self.app.settings.ready_wait_s
-        if executor.state == "ready":
-            return
         waited = 0.0
         while waited < wait_s and executor.state in ("starting", "loading"):
             await self.ctx.report_progress(waited, wait_s, "loading the model")
