@@ -184,6 +184,7 @@ def test_the_command_line_reads_the_process_environment(monkeypatch: pytest.Monk
         (["--cpu-threads", "0"], {}, ["--cpu-threads '0'", "NEXTCHAT_CPU_THREADS", "at least 1"]),
         (["--port", "65536"], {}, ["--port '65536'", "NEXTCHAT_PORT", "from 1 to 65535"]),
         (["--max-wait-ms", "nan"], {}, ["--max-wait-ms 'nan'", "NEXTCHAT_MAX_WAIT_MS"]),
+        (["--ready-wait", "inf"], {}, ["--ready-wait 'inf'", "NEXTCHAT_READY_WAIT"]),  # it would overflow int()
         (["--max-batch", "2.5"], {"NEXTCHAT_MAX_BATCH": "4"}, ["--max-batch '2.5'", "a whole number"]),
     ],
 )
