@@ -10,7 +10,6 @@ with 0; a second signal stops waiting. A device failure fails the work in flight
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import ipaddress
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from mcp_server.settings import Settings, parser, settings_from_args
+from mcp_server.settings import OptionParser, Settings
 
 
 if TYPE_CHECKING:
@@ -297,18 +296,16 @@ async def call_tool(
 
 
 def call_main(argv: list[str]) -> int:
-    """``nextchat-mcp call TOOL 'JSON' [serve options]``: print the tool's structured result as JSON."""
-    p = argparse.ArgumentParser(prog="nextchat-mcp call", parents=[parser()], add_help=False,
-                                description="Run one tool in-process and print its structured result.")  # fmt: skip
+    """``nextchat-mcp call TOOL 'JSON' [options]``: print the tool's structured result as JSON."""
+    p = OptionParser("call", description="Run one tool in-process and print its structured result.")
     p.add_argument("tool", help="locate_objects, segment_object, describe_region, visual_qa or status")
     p.add_argument("arguments", nargs="?", default="{}", help="the tool's arguments as a JSON object")
-    args = p.parse_args(argv)
+    settings, args = p.parse_settings(argv)
     try:
         arguments = json.loads(args.arguments)
     except json.JSONDecodeError as error:
         print(f"arguments are not JSON: {error}", file=sys.stderr)
         return 2
-    settings = settings_from_args(args)
     structured, text, is_error = anyio.run(call_tool, settings, args.tool, arguments)
     if is_error:
         print(text, file=sys.stderr)
@@ -323,4 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     if argv and argv[0] == "call":
         raise SystemExit(call_main(argv[1:]))
-    raise SystemExit(serve(settings_from_args(parser().parse_args(argv))))
+    p = OptionParser(
+        "serve",
+        description="MCP server: NExT-Chat grounding tools (locate_objects, segment_object, describe_region, "
+        "visual_qa). Serves over stdio by default. `nextchat-mcp call TOOL JSON [options]` runs one tool and prints "
+        "its result (`nextchat-mcp call TOOL --help` lists its options).",
+    )
+    settings, _ = p.parse_settings(argv)
+    raise SystemExit(serve(settings))

@@ -234,13 +234,13 @@ def test_cpu_threads_leave_a_core_to_the_protocol_side_unless_told(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mcp_server.runner import default_cpu_threads
-    from mcp_server.settings import parser, settings_from_args
+    from mcp_server.settings import OptionParser
 
     monkeypatch.setenv("NEXTCHAT_CPU_THREADS", "3")
-    assert settings_from_args(parser().parse_args([])).cpu_threads == 3
-    assert settings_from_args(parser().parse_args(["--cpu-threads", "1"])).cpu_threads == 1
+    assert OptionParser().parse_settings([])[0].cpu_threads == 3
+    assert OptionParser().parse_settings(["--cpu-threads", "1"])[0].cpu_threads == 1
     with pytest.raises(SystemExit):
-        parser().parse_args(["--cpu-threads", "0"])
+        OptionParser().parse_settings(["--cpu-threads", "0"])
     before = torch.get_num_threads()
     try:
         NextChatRunner.load(str(tiny_checkpoint), "cpu", cpu_threads=1)
@@ -254,12 +254,12 @@ def test_cpu_threads_leave_a_core_to_the_protocol_side_unless_told(
 def test_decode_steps_are_eager_off_cuda_and_graphs_can_be_switched_off(
     tiny_parts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mcp_server.settings import parser, settings_from_args
+    from mcp_server.settings import OptionParser
 
-    assert settings_from_args(parser().parse_args([])).cuda_graphs
-    assert not settings_from_args(parser().parse_args(["--no-cuda-graphs"])).cuda_graphs
+    assert OptionParser().parse_settings([], environ={})[0].cuda_graphs
+    assert not OptionParser().parse_settings(["--no-cuda-graphs"], environ={})[0].cuda_graphs
     monkeypatch.setenv("NEXTCHAT_NO_CUDA_GRAPHS", "1")
-    assert not settings_from_args(parser().parse_args([])).cuda_graphs
+    assert not OptionParser().parse_settings([])[0].cuda_graphs
     model, tokenizer = tiny_parts
     assert NextChatRunner(model, tokenizer).decode_mode == "eager"  # the CPU: graphs would need CUDA
     assert NextChatRunner(model, tokenizer, cuda_graphs=False).decode_mode == "eager"
