@@ -19,6 +19,18 @@ def make_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     return image
 
 
+def noise(width: int = 16, height: int = 10, seed: int = 0) -> np.ndarray:
+    """A pure-noise RGB uint8 [H, W, 3] image."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    """A Pillow image saved in ``fmt`` (keyword arguments go to ``Image.save``)."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
 def png_data_uri(pixels: np.ndarray) -> str:
     """An RGB uint8 image as a data:image/png;base64 URI."""
     buffer = io.BytesIO()

@@ -1,5 +1,7 @@
-"""Server fixtures: one server on the embedded demo model for the whole session, shapes scenes on disk."""
+"""Server fixtures: one server on the embedded demo model for the whole session, shapes scenes on disk; a network
+guard for the image-input tests."""
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,29 @@ def tiny_server(image_dir: Path, tiny_checkpoint: Path):
     server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(image_dir,)))
     yield server
     server.app.executor.stop()
+
+
+@pytest.fixture
+def network(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record every connect; fail the test on any non-loopback connect or any real name resolution.
+
+    test_image_io.py and test_url_fetch.py apply it to every test (``pytest.mark.usefixtures("network")``).
+    """
+    connects: list[tuple[str, int]] = []
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self: socket.socket, address) -> None:
+        if not isinstance(address, tuple) or address[0] not in ("127.0.0.1", "::1"):
+            pytest.fail(f"test tried to connect beyond loopback: {address!r}")
+        connects.append((address[0], address[1]))
+        real_connect(self, address)
+
+    def no_lookup(*args, **kwargs):
+        pytest.fail(f"test tried a real name lookup: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_lookup)
+    monkeypatch.setattr(socket, "create_connection", no_lookup)
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+        monkeypatch.setattr(socket, name, no_lookup)
+    return connects

@@ -1,18 +1,24 @@
 """Real behaviour through the in-memory MCP client, in both protocol modes, on the embedded demo model.
 
-Boxes and masks are compared with what the renderer drew. (The protocol's mechanics are in test_protocol.py.)
+Boxes and masks are compared with what the renderer drew; status's request counts are read while a runner holds a
+request in flight. (The protocol's mechanics are in test_protocol.py.)
 """
 
 import base64
 import io
+import threading
 
+import anyio
 import numpy as np
 import pytest
 from mcp import Client
 from PIL import Image
 from support import call, png_data_uri
 
+from mcp_server.messages import GenerationOutcome, Job
 from mcp_server.rendering import decode_coco_rle
+from mcp_server.server import create_server
+from mcp_server.settings import Settings
 from nextchat.demo.evaluate import box_iou, names_object
 
 
@@ -102,4 +108,57 @@ async def test_visual_qa_answers_and_grounds_its_evidence(client: Client, scenes
 async def test_status_says_the_demo_model_only_knows_the_shapes_world(client: Client) -> None:
     status = await call(client, "status", {})
     assert status["model"] == "demo" and "shapes" in status["note"]
-    assert status["state"] in {"ready", "loading"} and status["queue_depth"] >= 0
+    assert status["state"] in {"ready", "loading"}
+    assert (status["queue_depth"], status["running"]) == (0, 0)  # every earlier call has answered
+
+
+class HeldRunner:
+    """A runner that keeps its jobs in flight until ``release`` is set; ``stepping`` is set once a step holds them."""
+
+    def __init__(self) -> None:
+        self.stepping, self.release = threading.Event(), threading.Event()
+        self.jobs: list[int] = []
+        self.device, self.dtype, self.model_name = "cpu", "float32", "held"
+
+    def submit(self, job: Job) -> None:
+        self.jobs.append(job.id)
+
+    def step(self):
+        self.stepping.set()
+        self.release.wait(30)
+        finished, self.jobs = self.jobs, []
+        return [(job_id, GenerationOutcome(("The answer is 2.",), (), "stop")) for job_id in finished]
+
+    def cancel(self, job_id: int) -> None:
+        pass
+
+    def has_work(self) -> bool:
+        return bool(self.jobs)
+
+
+async def test_status_counts_a_request_in_flight_and_none_once_it_has_answered(scenes) -> None:
+    runner = HeldRunner()
+    server = create_server(Settings(model="demo", device="cpu"), runner_factory=lambda: runner)
+    answers: list[dict] = []
+
+    async def ask(client: Client) -> None:
+        question = {"image": png_data_uri(scenes[0].image), "question": "How many?", "ground": False}
+        answers.append(await call(client, "visual_qa", question))
+
+    try:
+        async with Client(server) as client:
+            with anyio.fail_after(60):
+                idle = await call(client, "status", {})
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ask, client)
+                    await anyio.to_thread.run_sync(runner.stepping.wait, 30)
+                    busy = await call(client, "status", {})
+                    runner.release.set()
+                done = await call(client, "status", {})
+    finally:
+        runner.release.set()
+        server.app.executor.stop()
+    assert (idle["queue_depth"], idle["running"]) == (0, 0)
+    assert (busy["queue_depth"], busy["running"]) == (1, 1)
+    assert (done["queue_depth"], done["running"]) == (0, 0)
+    assert answers[0]["answer"] == "The answer is 2."

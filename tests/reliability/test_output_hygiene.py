@@ -123,10 +123,12 @@ async def test_hostile_model_text_reaches_the_caller_capped_and_without_hidden_c
         ]
     for result in results:
         assert not result.is_error, result.content
+        # The local checkpoint is named by its last component only, never by where it lies on the server.
+        assert result.structured_content["provenance"]["model"] == "secret-checkpoint (scripted)"
         for value in strings(result.structured_content):
             assert len(value) <= MAX_TEXT
             assert not any(c in value for c in HIDDEN), repr(value[:80])
-            assert "secret-checkpoint" in value or "/srv/models" not in value
+            assert "/srv/models" not in value, value[:200]
         # The words themselves pass through as data (the tool descriptions say so); only their hidden carriers go.
         assert any("ignore previous instructions" in value for value in strings(result.structured_content))
 
