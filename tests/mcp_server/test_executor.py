@@ -2,6 +2,7 @@
 routing, out-of-memory splitting, device failure and draining."""
 
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import numpy as np
@@ -109,15 +110,25 @@ class FakeRunner:
         return finished
 
 
-async def started(executor: Executor) -> Executor:
-    executor.start()
-    assert await executor.wait_ready(5)
-    return executor
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[[Executor], Awaitable[Executor]]]:
+    """Starts a test's executors (each ready within 5 s) and stops them after it, whatever the test did."""
+    executors: list[Executor] = []
+
+    async def start_one(executor: Executor) -> Executor:
+        executors.append(executor)
+        executor.start()
+        assert await executor.wait_ready(5)
+        return executor
+
+    yield start_one
+    for executor in executors:
+        executor.stop()
 
 
-async def test_results_are_routed_to_their_own_requests_under_200_concurrent_calls() -> None:
+async def test_results_are_routed_to_their_own_requests_under_200_concurrent_calls(start) -> None:
     runner = FakeRunner(steps=3)
-    executor = await started(Executor(lambda: runner, max_queue=256, max_active=32, max_wait_ms=1))
+    executor = await start(Executor(lambda: runner, max_queue=256, max_active=32, max_wait_ms=1))
     results: dict[str, str] = {}
 
     async def call(i: int) -> None:
@@ -129,29 +140,27 @@ async def test_results_are_routed_to_their_own_requests_under_200_concurrent_cal
         async with anyio.create_task_group() as tg:
             for i in range(200):
                 tg.start_soon(call, i)
-    executor.stop()
     assert results == {f"q{i}": f"q{i}" for i in range(200)}
     assert max(len(b) for b in runner.batches) > 1  # requests really ran together
 
 
-async def test_jobs_arriving_together_form_one_batch_up_to_max_active() -> None:
+async def test_jobs_arriving_together_form_one_batch_up_to_max_active(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=3, max_wait_ms=50))
+    executor = await start(Executor(lambda: runner, max_active=3, max_wait_ms=50))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             for i in range(5):
                 tg.start_soon(executor.generate, ask(f"q{i}"))
             await anyio.to_thread.run_sync(runner.step_started.wait, 5)
             gate.set()
-    executor.stop()
     assert [len(b) for b in runner.batches] == [3, 2]
 
 
-async def test_a_full_queue_rejects_exactly_the_overflow() -> None:
+async def test_a_full_queue_rejects_exactly_the_overflow(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)
-    executor = await started(Executor(lambda: runner, max_queue=4, max_active=1, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_queue=4, max_active=1, max_wait_ms=0))
     outcomes: list[str] = []
 
     async def call(i: int) -> None:
@@ -172,14 +181,13 @@ async def test_a_full_queue_rejects_exactly_the_overflow() -> None:
             while outcomes.count("overloaded") < 3:
                 await anyio.sleep(0)
             gate.set()
-    executor.stop()
     assert outcomes.count("overloaded") == 3 and outcomes.count("ok") == 5
 
 
-async def test_a_job_cancelled_while_queued_never_runs() -> None:
+async def test_a_job_cancelled_while_queued_never_runs(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_active=1, max_wait_ms=0))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(executor.generate, ask("first"))
@@ -189,14 +197,13 @@ async def test_a_job_cancelled_while_queued_never_runs() -> None:
                 await executor.generate(ask("cancelled"))
             gate.set()
         await executor.generate(ask("after"))
-    executor.stop()
     assert "cancelled" not in runner.ran and runner.ran == ["first", "after"]
 
 
-async def test_a_running_job_cancelled_leaves_at_the_next_step() -> None:
+async def test_a_running_job_cancelled_leaves_at_the_next_step(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1000, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=2, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_active=2, max_wait_ms=0))
     job = ask("long")
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -211,14 +218,13 @@ async def test_a_running_job_cancelled_leaves_at_the_next_step() -> None:
             gate.set()
         while executor.running:
             await anyio.sleep(0)
-    executor.stop()
     assert runner.cancelled == [job.id] and not runner.running
     assert len(runner.batches) <= 3  # stopped within a step or two, not after its 1000
 
 
-async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_serving() -> None:
+async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_serving(start) -> None:
     runner = FakeRunner(steps=2, fail_on="poison")
-    executor = await started(Executor(lambda: runner, max_active=8, max_wait_ms=20))
+    executor = await start(Executor(lambda: runner, max_active=8, max_wait_ms=20))
     errors: list[str] = []
 
     async def call(text: str) -> None:
@@ -232,17 +238,15 @@ async def test_a_failed_step_fails_every_job_in_it_and_the_executor_keeps_servin
             for text in ("a", "poison", "b"):
                 tg.start_soon(call, text)
         assert (await executor.generate(ask("later"))).segments == ("later",)  # type: ignore[union-attr]
-    executor.stop()
     assert sorted(errors) == [f"{t}: step failed" for t in ("a", "b", "poison")]
 
 
-async def test_a_job_the_runner_rejects_fails_alone() -> None:
-    executor = await started(Executor(lambda: FakeRunner(steps=1), max_wait_ms=0))
+async def test_a_job_the_runner_rejects_fails_alone(start) -> None:
+    executor = await start(Executor(lambda: FakeRunner(steps=1), max_wait_ms=0))
     with anyio.fail_after(10):
         with pytest.raises(ValueError, match="cannot run"):
             await executor.generate(ask("bad job"))
-        assert await executor.generate(ask("fine"))
-    executor.stop()
+        assert (await executor.generate(ask("fine"))).segments == ("fine",)
 
 
 async def test_a_model_that_fails_to_load_reports_why() -> None:
@@ -257,11 +261,11 @@ async def test_a_model_that_fails_to_load_reports_why() -> None:
         await executor.generate(ask("x"))
 
 
-async def test_a_queued_job_past_its_deadline_never_runs() -> None:
+async def test_a_queued_job_past_its_deadline_never_runs(start) -> None:
     now = [0.0]
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0, clock=lambda: now[0]))
+    executor = await start(Executor(lambda: runner, max_active=1, max_wait_ms=0, clock=lambda: now[0]))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(executor.generate, ask("first"))
@@ -277,15 +281,14 @@ async def test_a_queued_job_past_its_deadline_never_runs() -> None:
                 await anyio.sleep(0)
             now[0] = 11.0
             gate.set()
-    executor.stop()
     assert runner.ran == ["first"]
 
 
-async def test_a_running_job_past_its_deadline_stops_at_the_next_step_and_frees_its_slot() -> None:
+async def test_a_running_job_past_its_deadline_stops_at_the_next_step_and_frees_its_slot(start) -> None:
     now = [0.0]
     gate = threading.Event()
     runner = FakeRunner(steps=1000, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=2, max_wait_ms=0, clock=lambda: now[0]))
+    executor = await start(Executor(lambda: runner, max_active=2, max_wait_ms=0, clock=lambda: now[0]))
     expiring = ask("expiring", deadline=10.0)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -301,14 +304,13 @@ async def test_a_running_job_past_its_deadline_stops_at_the_next_step_and_frees_
         assert runner.cancelled == [expiring.id] and not runner.running and executor.running == 0
         runner.steps = 1  # the slot is free again: a new job runs and finishes
         assert (await executor.generate(ask("next"))).segments == ("next",)  # type: ignore[union-attr]
-    executor.stop()
     assert len([b for b in runner.batches if "expiring" in b]) <= 2  # stopped at once, not after 1000 steps
 
 
-async def test_out_of_memory_splits_the_batch_and_every_request_still_gets_its_own_result() -> None:
+async def test_out_of_memory_splits_the_batch_and_every_request_still_gets_its_own_result(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=2, gate=gate, capacity=3)
-    executor = await started(Executor(lambda: runner, max_queue=256, max_active=8, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_queue=256, max_active=8, max_wait_ms=0))
     results: dict[str, object] = {}
 
     async def call(text: str) -> None:
@@ -330,16 +332,15 @@ async def test_out_of_memory_splits_the_batch_and_every_request_still_gets_its_o
         async with anyio.create_task_group() as tg:
             for i in range(100):
                 tg.start_soon(call, f"after{i}")
-    executor.stop()
     expected = ["blocker", *(f"q{i}" for i in range(8)), *(f"after{i}" for i in range(100))]
     assert results == {text: text for text in expected}
     assert executor.peak_active <= 8
 
 
-async def test_a_job_that_does_not_fit_even_alone_fails_with_a_retry_hint_and_the_rest_succeed() -> None:
+async def test_a_job_that_does_not_fit_even_alone_fails_with_a_retry_hint_and_the_rest_succeed(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate, oom_on="huge")
-    executor = await started(Executor(lambda: runner, max_active=4, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_active=4, max_wait_ms=0))
     outcomes: dict[str, str] = {}
     errors: list[OutOfDeviceMemory] = []
 
@@ -361,18 +362,17 @@ async def test_a_job_that_does_not_fit_even_alone_fails_with_a_retry_hint_and_th
                 await anyio.sleep(0)
             gate.set()
         assert (await executor.generate(ask("later"))).segments == ("later",)  # type: ignore[union-attr]
-    executor.stop()
     assert outcomes["a"] == "a" and outcomes["b"] == "b" and outcomes["blocker"] == "blocker"
     assert "ran out of memory" in outcomes["huge"] and "retry" in outcomes["huge"]
     assert len(errors) == 1 and isinstance(errors[0], Overloaded) and errors[0].retry_after_s >= 1
     assert runner.ran.count("huge") == executor.max_oom_retries + 1
 
 
-async def test_a_device_failure_fails_all_work_marks_the_executor_failed_and_calls_on_fatal() -> None:
+async def test_a_device_failure_fails_all_work_marks_the_executor_failed_and_calls_on_fatal(start) -> None:
     gate = threading.Event()
     fatal: list[str] = []
     runner = FakeRunner(steps=1, gate=gate, fatal_on="boom")
-    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0, on_fatal=fatal.append))
+    executor = await start(Executor(lambda: runner, max_active=1, max_wait_ms=0, on_fatal=fatal.append))
     errors: dict[str, BaseException] = {}
 
     async def call(text: str) -> None:
@@ -391,16 +391,15 @@ async def test_a_device_failure_fails_all_work_marks_the_executor_failed_and_cal
             gate.set()
         with pytest.raises(ModelNotReady, match="device failed"):
             await executor.generate(ask("after"))
-    executor.stop()
     assert set(errors) == {"boom", "queued"} and all("illegal memory access" in str(e) for e in errors.values())
     assert executor.state == "failed" and len(fatal) == 1 and "illegal memory access" in fatal[0]
     assert runner.ran == ["boom"]
 
 
-async def test_draining_refuses_new_jobs_and_lets_admitted_ones_finish() -> None:
+async def test_draining_refuses_new_jobs_and_lets_admitted_ones_finish(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_active=1, max_wait_ms=0))
     results: list[str] = []
 
     async def call(text: str) -> None:
@@ -420,14 +419,13 @@ async def test_draining_refuses_new_jobs_and_lets_admitted_ones_finish() -> None
             assert not await executor.drain(0)  # still busy
             gate.set()
             assert await executor.drain(10)
-    executor.stop()
     assert sorted(results) == ["queued", "running"] and "too late" not in runner.ran
 
 
-async def test_stopping_after_a_drain_that_timed_out_fails_what_is_left() -> None:
+async def test_stopping_after_a_drain_that_timed_out_fails_what_is_left(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)
-    executor = await started(Executor(lambda: runner, max_active=1, max_wait_ms=0))
+    executor = await start(Executor(lambda: runner, max_active=1, max_wait_ms=0))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from support import make_image
 
+from mcp_server import runner as runner_module
 from mcp_server.executor import Executor
 from mcp_server.messages import (
     DecodedImage,
@@ -262,4 +263,16 @@ def test_decode_steps_are_eager_off_cuda_and_graphs_can_be_switched_off(
     assert not OptionParser().parse_settings([])[0].cuda_graphs
     model, tokenizer = tiny_parts
     assert NextChatRunner(model, tokenizer).decode_mode == "eager"  # the CPU: graphs would need CUDA
+    # On this CPU both ways end eager, so what the runner asks its engine for is what shows the switch: the engine's
+    # own default (graphs on a CUDA device), or eager steps when graphs are off.
+    asked: list[object] = []
+    pipeline = runner_module.NextChatPipeline
+
+    def recording(net, tok, decode_mode=None):
+        asked.append(decode_mode)
+        return pipeline(net, tok, decode_mode)
+
+    monkeypatch.setattr(runner_module, "NextChatPipeline", recording)
+    assert NextChatRunner(model, tokenizer).decode_mode == "eager"
     assert NextChatRunner(model, tokenizer, cuda_graphs=False).decode_mode == "eager"
+    assert asked == [None, "eager"]
