@@ -31,6 +31,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/agent_workflow.py --out demo_output
 
+# The bench extra (matplotlib, for the plot) is part of the dev extra that $(STAMP) installs: nothing more to install.
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset auto --device cpu
 

@@ -1,4 +1,4 @@
-"""The benchmark runs end to end on the tiny checkpoint and reports what it measured."""
+"""The benchmark runs end to end on the tiny checkpoint and reports what it measured: the JSON, the plot, the table."""
 
 import json
 
@@ -19,7 +19,20 @@ def test_the_benchmark_alternates_both_paths_and_ends_with_the_ratio_line(tmp_pa
     lines = capsys.readouterr().out.strip().splitlines()
     [written] = list(tmp_path.glob("tiny-cpu-*.json"))
     report = json.loads(written.read_text())
-    assert written.with_suffix(".png").is_file()
+    assert set(report) == {
+        "preset", "model", "device", "device_name", "dtype", "torch", "transformers", "python", "commit", "date",
+        "workload", "server", "rounds", "torch_threads", "results", "throughput_ratio_c8",
+    }  # fmt: skip
+    assert set(report["workload"]) == {
+        "image_side_px", "prompt_text_tokens", "image_tokens", "new_tokens", "tools", "example_query"
+    }  # fmt: skip
+    point_keys = {
+        "path", "concurrency", "requests", "wall_s", "throughput_rps", "latency_ms", "locate_ms", "segment_ms",
+        "segmented_by", "peak_gpu_mib",
+    }  # fmt: skip
+    assert all(set(r) == point_keys and set(r["latency_ms"]) == {"p50", "p95"} for r in report["results"])
+    plot = written.with_suffix(".png").read_bytes()
+    assert plot.startswith(b"\x89PNG\r\n\x1a\n") and len(plot) > 10_000  # a drawn chart, not an empty file
     by_point = {(r["path"], r["concurrency"]): r for r in report["results"]}
     assert set(by_point) == {("naive", 1), ("batched", 1), ("batched", 8)}
     assert by_point["naive", 1]["requests"] == 2  # one a round
@@ -28,4 +41,5 @@ def test_the_benchmark_alternates_both_paths_and_ends_with_the_ratio_line(tmp_pa
     assert report["rounds"] == 2 and report["server"]["decode"] == "eager"
     assert all(r["throughput_rps"] > 0 for r in report["results"])
     ratio = by_point["batched", 8]["throughput_rps"] / by_point["naive", 1]["throughput_rps"]
+    assert report["throughput_ratio_c8"] == round(ratio, 3)
     assert lines[-1] == f"throughput ratio at concurrency 8 (batched/naive): {ratio:.2f}"
