@@ -2,6 +2,8 @@
 # make demo  — create .venv, install, run a scripted agent over stdio on the embedded demo model (CPU, ~1 min)
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
+# make bench-cluster — req/s of the server on Ray Serve with 1 and 2 model replicas against the single process
+#                     (installs the cluster extra, ray[serve] and redis; needs redis-server), a few minutes
 # make lint  — ruff (lint, complexity, format) on every package, pyright (strict on mcp_server/), tools_schema/ drift
 # The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
 # torchvision from local files (segment-anything needs torchvision). Override TORCH_SPEC elsewhere.
@@ -12,7 +14,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 LINTED := nextchat mcp_server benchmarks examples tests
 
-.PHONY: test test-slow demo lint install clean bench
+.PHONY: test test-slow demo lint install clean bench bench-cluster install-cluster
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,7 +37,19 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset auto --device cpu
 
-lint: $(STAMP)
+# The cluster extra (ray[serve], redis) only for the targets that use it: `make demo` and `make test` need neither.
+CLUSTER_STAMP := $(VENV)/.cluster-installed
+$(CLUSTER_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
+	touch $(CLUSTER_STAMP)
+
+install-cluster: $(CLUSTER_STAMP)
+
+bench-cluster: $(CLUSTER_STAMP)
+	$(PY) -m benchmarks.cluster
+
+# pyright reads mcp_server/cluster/ and mcp_server/redis_store.py, which import the cluster extra.
+lint: $(CLUSTER_STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/pyright
