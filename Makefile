@@ -1,4 +1,4 @@
-# make test  — create .venv, install the project and its dev tools, run the test suite
+# make test  — create .venv, install the project, its dev tools and the cluster extra, run the test suite
 # make demo  — create .venv, install, run a scripted agent over stdio on the embedded demo model (CPU, ~1 min)
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
@@ -12,6 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+CLUSTER_STAMP := $(VENV)/.cluster-installed
 LINTED := nextchat mcp_server benchmarks examples tests
 
 .PHONY: test test-slow demo lint install clean bench bench-cluster install-cluster
@@ -24,10 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The tests take the cluster extra too, so tests/cluster/ runs (with redis-server installed) instead of skipping.
+test: $(CLUSTER_STAMP)
 	$(PY) -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(CLUSTER_STAMP)
 	$(PY) -m pytest --run-slow
 
 demo: $(STAMP)
@@ -37,8 +39,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset auto --device cpu
 
-# The cluster extra (ray[serve], redis) only for the targets that use it: `make demo` and `make test` need neither.
-CLUSTER_STAMP := $(VENV)/.cluster-installed
+# The cluster extra (ray[serve], redis) for the targets that use it; `make demo` (and the server itself) needs neither.
 $(CLUSTER_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
 	touch $(CLUSTER_STAMP)
