@@ -53,7 +53,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, timeout_s: float = 300) -> None:
     """Wait until something accepts connections on ``port`` (the process must stay alive meanwhile)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -61,7 +61,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float 
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{process.args[0]} did not start listening on port {port}")
+            raise SystemExit(f"{name} did not start listening on port {port}")
         time.sleep(0.1)
 
 
@@ -70,7 +70,7 @@ def subprocess_on_port(command: list[str], port: int) -> Iterator[None]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        wait_for_port(port, process)
+        wait_for_port(port, process, Path(command[0]).name)
         yield
     finally:
         process.terminate()
