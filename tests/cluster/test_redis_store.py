@@ -128,3 +128,17 @@ def test_an_unreachable_redis_is_a_clear_error_within_the_timeout() -> None:
     with pytest.raises(HandleStoreUnavailable):
         store.get("img_" + "0" * 32, owner="a")
     assert time.monotonic() - started < 5
+
+
+def test_a_redis_that_accepts_but_never_answers_fails_within_the_socket_timeout() -> None:
+    import socket
+
+    with socket.socket() as silent:  # the kernel completes the handshake; nothing ever replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        store = RedisPictureStore(connect(url, timeout_s=0.5), "mask", max_entries=4)
+        started = time.monotonic()
+        with pytest.raises(HandleStoreUnavailable):
+            store.get(("a", "m1"))
+        assert time.monotonic() - started < 5
