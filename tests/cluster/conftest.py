@@ -1,5 +1,5 @@
-"""Cluster fixtures: a real redis-server on a loopback port (started and stopped here), skipped with the reason when
-redis-server or the client library is missing; ``.ci/run`` installs both, so in CI these tests run."""
+"""Cluster fixtures: a real redis-server on a loopback port (started and stopped here). The test modules skip with
+the reason when redis-server or the cluster extra is missing; ``.ci/run`` installs both, so in CI these tests run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 from cluster_support import RedisProcess
-
-
-pytest.importorskip("redis", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
 
 
 @pytest.fixture(scope="session")

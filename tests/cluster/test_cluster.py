@@ -31,6 +31,7 @@ from mcp_server.settings import Settings
 from nextchat.demo.world import render_scene
 
 
+pytest.importorskip("redis", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
 serve = pytest.importorskip("ray.serve", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
 ray = pytest.importorskip("ray")
 

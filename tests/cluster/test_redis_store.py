@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from mcp_server.messages import DecodedImage, PortableObject
-from mcp_server.redis_store import HandleStoreUnavailable, RedisImageStore, RedisPictureStore, connect
 from mcp_server.stores import MAX_OBJECTS_PER_IMAGE, StoredPicture
+
+
+pytest.importorskip("redis", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
+
+from mcp_server.redis_store import HandleStoreUnavailable, RedisImageStore, RedisPictureStore, connect
 
 
 def image(seed: int, width: int = 7, height: int = 5) -> DecodedImage:
