@@ -172,6 +172,18 @@ async def test_a_chain_across_two_replicas_gives_the_one_process_results(cluster
     assert located_on != segmented_on  # the object's <at> state came from Redis, not from the replica's memory
 
 
+def test_the_request_router_keeps_an_image_on_one_replica_and_spreads_images(cluster: Cluster) -> None:
+    """Calls carrying a route key (what the ingress sends with affinity on: the image's sha256) through Serve's real
+    router: every call about one image reaches the same replica, and different images reach both."""
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP)
+    chosen: dict[str, set[str]] = {}
+    for n in range(12):
+        key = f"{n:064x}"
+        chosen[key] = {handle.info.remote(route_key=key).result(timeout_s=30)["replica"] for _ in range(4)}
+    assert all(len(replicas) == 1 for replicas in chosen.values()), chosen
+    assert len(set().union(*chosen.values())) == 2
+
+
 @pytest.mark.anyio
 async def test_two_owners_cannot_read_each_others_handles(cluster: Cluster) -> None:
     uri, _ = scene_uri(2)
