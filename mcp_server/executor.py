@@ -389,9 +389,10 @@ class Executor:
             self.error = message
             self.state = "failed"
         self._retry.clear()
-        self._resolve_all(lambda: DeviceFailed(message))
+        # on_fatal first: a caller woken by its failed job must find the server already told.
         if self.on_fatal is not None:
             self.on_fatal(message)
+        self._resolve_all(lambda: DeviceFailed(message))
 
     def _admit(self, runner: Runner, block: bool) -> None:
         """Move jobs to the runner (ones to start again first); when idle, wait for one, then ``max_wait_ms`` for
