@@ -151,7 +151,7 @@ class BrokenDevice:
 
 
 server = create_server(Settings(), runner_factory=BrokenDevice)
-sys.exit(anyio.run(serve_stdio, server, server.app.executor, Settings()))
+sys.exit(anyio.run(serve_stdio, server, server.app, Settings()))
 """
 
 
