@@ -9,7 +9,7 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
-from support import encode, noise
+from support import encode, noise, rle8_bmp
 
 from mcp_server.decode_pool import TOO_LONG, DecodePool
 from mcp_server.image_io import ImageInputError, ImagePolicy
@@ -27,16 +27,6 @@ def scan_bomb(size: int = CAP) -> bytes:
     base = buffer.getvalue()
     end = base.rindex(b"\xff\xd9")
     return base[:end] + MINIMAL_SOS * ((size - len(base)) // len(MINIMAL_SOS)) + b"\xff\xd9"
-
-
-def rle8_bmp(width: int, height: int) -> bytes:
-    """A run-length BMP that Pillow decodes in Python, one pair of bytes at a time: seconds of CPU, no cap met."""
-    payload = b"\x01\x07" * (width * height)
-    palette = bytes(range(256)) * 4
-    offset = 14 + 40 + len(palette)
-    header = b"BM" + struct.pack("<IHHI", offset + len(payload), 0, 0, offset)
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(payload), 2835, 2835, 256, 0)
-    return header + info + palette + payload
 
 
 @pytest.mark.parametrize(
