@@ -125,6 +125,26 @@ class Settings(BaseSettings):
         Field(ge=0),
     ] = 20.0
     handle_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    decode_workers: Annotated[
+        int,
+        Option(
+            "--decode-workers",
+            SERVE_AND_CALL,
+            "processes that decode images, each under CPU-time and memory limits and killed at the call's deadline",
+            metavar="N",
+        ),
+        Field(ge=1, le=64),
+    ] = 2
+    decode_memory_mib: Annotated[
+        int,
+        Option(
+            "--decode-memory-mib",
+            SERVE_AND_CALL,
+            "memory (MiB) one decode worker may map beyond its start-up size; an image needing more is refused",
+            metavar="MIB",
+        ),
+        Field(ge=64),
+    ] = 2048
     drain_timeout_s: Annotated[
         float,
         Option("--drain-timeout", SERVE, "on SIGTERM, seconds admitted requests get to finish before the server exits"),
