@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -26,9 +26,24 @@ ImageArg = Annotated[
         ),
     ),
 ]
+
+
+def _not_blank(text: str) -> str:
+    """Refuses text with no visible character: the model would answer about nothing."""
+    if not text.strip():
+        raise ValueError("is blank (only whitespace); give some words")
+    return text
+
+
+# Published as a pattern (JSON Schema's search semantics: at least one non-space character); checked by _not_blank,
+# whose message names the fix.
+_NOT_BLANK = Field(json_schema_extra={"pattern": r"\S"})
+
 QueryArg = Annotated[
     str,
     Field(min_length=1, max_length=500, description="What to find, as a noun phrase: 'the red mug', 'all the cups'."),
+    _NOT_BLANK,
+    AfterValidator(_not_blank),
 ]
 BoxArg = Annotated[
     list[float],
@@ -47,7 +62,12 @@ ObjectIdArg = Annotated[
         description="An object id (o1, o2, ...) returned by locate_objects or visual_qa for this image.",
     ),
 ]
-QuestionArg = Annotated[str, Field(min_length=1, max_length=1000, description="The question to answer.")]
+QuestionArg = Annotated[
+    str,
+    Field(min_length=1, max_length=1000, description="The question to answer."),
+    _NOT_BLANK,
+    AfterValidator(_not_blank),
+]
 OverlayArg = Annotated[
     bool,
     Field(description="Also return a picture with the boxes (and mask) drawn and numbered like the object ids."),

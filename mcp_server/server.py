@@ -23,6 +23,7 @@ from typing import Any
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools.base import Tool
 from mcp.types import CallToolResult, InputRequiredResult, ToolAnnotations
 from pydantic import ValidationError
 
@@ -30,6 +31,7 @@ from mcp_server.executor import Runner
 from mcp_server.resources import RESOURCES
 from mcp_server.settings import Settings
 from mcp_server.state import AppState
+from mcp_server.strict_arguments import argument_names, strict_tool, unknown_arguments
 from mcp_server.text import argument_problems
 from mcp_server.tools.steps import ToolSpec
 
@@ -51,17 +53,19 @@ READ_ONLY_WEB = ToolAnnotations(read_only_hint=True, idempotent_hint=True, destr
 
 
 class NextChatServer(MCPServer[AppState]):
-    """``MCPServer`` holding its :class:`AppState`, whose argument-validation errors are one sentence without the
-    rejected values."""
+    """``MCPServer`` holding its :class:`AppState`, whose tools refuse unknown arguments and whose
+    argument-validation errors are one sentence without the rejected values."""
 
-    def __init__(self, app: AppState) -> None:
+    def __init__(self, app: AppState, tools: list[Tool] | None = None) -> None:
         @asynccontextmanager
         async def lifespan(_: MCPServer[AppState]) -> AsyncGenerator[AppState]:
             app.start()  # once per process: every connection shares the model
             yield app
 
-        super().__init__("nextchat-mcp", instructions=INSTRUCTIONS, lifespan=lifespan)
+        strict = [strict_tool(tool) for tool in tools or ()]
+        super().__init__("nextchat-mcp", instructions=INSTRUCTIONS, lifespan=lifespan, tools=strict)
         self.app = app
+        self.argument_names = {tool.name: argument_names(tool) for tool in strict}
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppState] | None = None
@@ -72,8 +76,9 @@ class NextChatServer(MCPServer[AppState]):
             cause = error.__cause__
             if not isinstance(cause, ValidationError):
                 raise
+            problem = unknown_arguments(cause, self.argument_names.get(name, ())) or argument_problems(cause)
             # Chained to the same cause, so the SDK still logs only the field names.
-            raise ToolError(f"Error executing tool {name}: {argument_problems(cause)}") from cause
+            raise ToolError(f"Error executing tool {name}: {problem}") from cause
 
 
 def tool_specs() -> list[ToolSpec]:
@@ -89,15 +94,17 @@ def tool_specs() -> list[ToolSpec]:
 
 def create_server(settings: Settings, runner_factory: Callable[[], Runner] | None = None) -> NextChatServer:
     """Build the server. The model loads in the background when the first connection opens."""
-    server = NextChatServer(AppState.create(settings, runner_factory))
     fetches = READ_ONLY_WEB if settings.allow_urls else READ_ONLY
-    for spec in tool_specs():
-        server.add_tool(
+    tools = [
+        Tool.from_function(
             spec.handler,
             title=spec.title,
             description=inspect.cleandoc(spec.handler.__doc__ or ""),
             annotations=fetches if spec.takes_image else READ_ONLY,
         )
+        for spec in tool_specs()
+    ]
+    server = NextChatServer(AppState.create(settings, runner_factory), tools)
     for resource in RESOURCES:
         server.resource(
             resource.uri, name=resource.name, mime_type=resource.mime_type, description=resource.description

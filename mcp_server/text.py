@@ -36,7 +36,8 @@ def argument_problems(error: ValidationError) -> str:
     problems: list[str] = []
     for detail in error.errors()[:MAX_ARGUMENT_PROBLEMS]:
         where = ".".join(str(part) for part in detail["loc"]) or "arguments"
-        problems.append(f"{clean_text(where)[:40]}: {detail['msg'][:120].rstrip('.').lower()}")
+        message = detail["msg"].removeprefix("Value error, ")  # a validator's own sentence, without pydantic's tag
+        problems.append(f"{clean_text(where)[:40]}: {message[:120].rstrip('.').lower()}")
     more = error.error_count() - len(problems)
     suffix = f" (and {more} more)" if more > 0 else ""
     return "invalid arguments: " + "; ".join(problems) + suffix + "; check them against the tool's input schema"

@@ -31,6 +31,9 @@ class Region(ResultModel):
     box: list[float]
     box_normalized: list[float]
     object_id: str | None = None
+    clipped: bool = Field(
+        default=False, description="True when the caller's box reached past the image and was clipped."
+    )
 
 
 class DescribeResult(ResultModel):
@@ -68,7 +71,8 @@ async def describe_region(
     result = DescribeResult(
         image=image_info, coordinate_space=space,
         region=Region(
-            box=[round(v, 1) for v in region], box_normalized=normalized(region, stored), object_id=object_id
+            box=[round(v, 1) for v in region], box_normalized=normalized(region, stored), object_id=object_id,
+            clipped=box is not None and list(region) != [float(v) for v in box],
         ),
         question=question, description=with_markers(outcome, [o.id for o in objects]), objects=objects,
         provenance=call.provenance(),

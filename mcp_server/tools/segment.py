@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 import numpy as np
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ResourceLink
 from pydantic import Field
 
-from mcp_server import rendering
+from mcp_server import box_masks, rendering
 from mcp_server.messages import MaskPrompt
 from mcp_server.schemas import (
     BoxArg,
@@ -38,10 +39,19 @@ class SegmentResult(ResultModel):
     object_id: str | None = Field(description="The object the mask belongs to (None for a caller's box).")
     phrase: str | None
     mask_uri: str = Field(description="mask://<id>.png: PNG, 0/255, the image's size. Read it as a resource.")
-    empty: bool = Field(description="True when SAM's IoU prediction was under the threshold; the mask is all 0.")
+    empty: bool = Field(description="True exactly when the mask has no pixel (then box is null).")
+    filtered_low_iou: bool = Field(
+        description="True when the official filter emptied the mask: SAM's IoU prediction was under the model's "
+        "threshold (0.3 for NExT-Chat)."
+    )
     box: list[float] | None = Field(description="Tight pixel box of the mask (None when empty).")
     box_normalized: list[float] | None
-    prompt_box: list[float] = Field(description="The box the mask was prompted with, in pixels.")
+    prompt_box: list[float] = Field(description="The box the mask was prompted with, in pixels (clipped).")
+    prompt_box_clipped: bool = Field(description="True when the caller's box reached past the image and was clipped.")
+    box_margin_px: int | None = Field(
+        description=f"For a caller's box: how far past it the mask may reach ({box_masks.MARGIN_RULE}); only parts "
+        "of the mask that overlap the box are kept. None for an object id or query."
+    )
     area_px: int
     area_fraction: float
     iou_prediction: float = Field(description="SAM's predicted IoU for this mask (its own score, 0–1).")
@@ -62,7 +72,9 @@ async def segment_object(
     reuses its state, the fastest), query (located first, then segmented), or box ([x1, y1, x2, y2] pixels).
 
     The mask is the resource mask_uri (PNG, 0/255, the image's size) and COCO RLE; iou_prediction is SAM's own
-    estimate of the mask's quality.
+    estimate of the mask's quality. `empty` is true exactly when the mask has no pixel; `filtered_low_iou` says the
+    official IoU filter emptied it. For a box, the box is clipped to the image (`prompt_box_clipped`) and the mask
+    keeps only the parts that overlap it, at most `box_margin_px` past its edges.
     """
     if sum(v is not None for v in (query, box, object_id)) != 1:
         raise ToolError("give exactly one of object_id, query or box")
@@ -70,7 +82,9 @@ async def segment_object(
     stored = await call.image(image)
     object_id, phrase, prompt_box, prompt = await _mask_target(call, stored, query, box, object_id)
     outcome = await call.segment(stored, prompt)
-    mask, score, empty = outcome.masks[0], outcome.scores[0], outcome.empty[0]
+    mask, score, filtered = outcome.masks[0], outcome.scores[0], outcome.empty[0]
+    if box is not None:
+        mask = await anyio.to_thread.run_sync(box_masks.keep_in_box, mask, prompt_box)
     mask_id = new_handle("")
     call.app.masks.put((call.owner, mask_id), StoredPicture(rendering.mask_png(mask), "image/png", stored.handle))
     tight = mask_box(mask)
@@ -78,8 +92,11 @@ async def segment_object(
     area = int(mask.sum())
     result = SegmentResult(
         image=image_info, coordinate_space=space, object_id=object_id, phrase=phrase, mask_uri=f"mask://{mask_id}.png",
-        empty=empty, box=tight, box_normalized=normalized(tight, stored) if tight else None,
-        prompt_box=[round(v, 1) for v in prompt_box], area_px=area, area_fraction=round(area / mask.size, 6),
+        empty=tight is None, filtered_low_iou=filtered, box=tight,
+        box_normalized=normalized(tight, stored) if tight else None, prompt_box=[round(v, 1) for v in prompt_box],
+        prompt_box_clipped=box is not None and list(prompt_box) != [float(v) for v in box],
+        box_margin_px=box_masks.margin_px(prompt_box) if box is not None else None,
+        area_px=area, area_fraction=round(area / mask.size, 6),
         iou_prediction=round(score, 4), rle=CocoRle.model_validate(rendering.coco_rle(mask)),
         provenance=call.provenance(),
     )  # fmt: skip

@@ -66,7 +66,8 @@ async def test_a_mask_is_a_png_resource_of_the_image_size_matching_its_rle_and_a
     assert np.array_equal(decode_coco_rle(result["rle"]), mask > 127)
     assert result["area_px"] == int((mask > 127).sum())
     assert result["area_fraction"] == pytest.approx(result["area_px"] / mask.size, abs=1e-6)
-    assert result["empty"] == (result["iou_prediction"] < 0.3)
+    assert result["filtered_low_iou"] == (result["iou_prediction"] < 0.3)
+    assert result["empty"] == (result["area_px"] == 0) == (result["box"] is None)
     assert result["object_id"] is None and result["prompt_box"] == [5, 5, 60, 50]
 
 

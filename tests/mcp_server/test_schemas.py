@@ -43,7 +43,7 @@ RESULTS = {
     "locate_objects": IMAGE_RESULT | {"query", "found", "objects", "explanation"},
     "segment_object": IMAGE_RESULT
     | {"object_id", "phrase", "mask_uri", "empty", "box", "box_normalized", "prompt_box", "area_px", "area_fraction"}
-    | {"iou_prediction", "rle"},
+    | {"iou_prediction", "rle", "filtered_low_iou", "prompt_box_clipped", "box_margin_px"},
     "describe_region": IMAGE_RESULT | {"region", "question", "description", "objects"},
     "visual_qa": IMAGE_RESULT | {"question", "answer", "grounded", "evidence"},
     "status": {"model", "note", "device", "dtype", "state", "error", "queue_depth", "running", "uptime_s"}
