@@ -1,7 +1,9 @@
-# make test  — create .venv, install the project and its dev tools, run the test suite
+# make test  — create .venv, install the project, its dev tools and the cluster extra, run the test suite
 # make demo  — create .venv, install, run a scripted agent over stdio on the embedded demo model (CPU, ~1 min)
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
+# make bench-cluster — req/s of the server on Ray Serve with 1 and 2 model replicas against the single process
+#                     (installs the cluster extra, ray[serve] and redis; needs redis-server), a few minutes
 # make lint  — ruff (lint, complexity, format) on every package, pyright (strict on mcp_server/), tools_schema/ drift
 # The torch wheels are named explicitly: this machine's pip serves a CUDA build of torch 2.14.1 with a matching
 # torchvision from local files (segment-anything needs torchvision). Override TORCH_SPEC elsewhere.
@@ -10,9 +12,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+CLUSTER_STAMP := $(VENV)/.cluster-installed
 LINTED := nextchat mcp_server benchmarks examples tests
 
-.PHONY: test test-slow demo lint install clean bench
+.PHONY: test test-slow demo lint install clean bench bench-cluster install-cluster
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,10 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The tests take the cluster extra too, so tests/cluster/ runs (with redis-server installed) instead of skipping.
+test: $(CLUSTER_STAMP)
 	$(PY) -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(CLUSTER_STAMP)
 	$(PY) -m pytest --run-slow
 
 demo: $(STAMP)
@@ -35,7 +39,18 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset auto --device cpu
 
-lint: $(STAMP)
+# The cluster extra (ray[serve], redis) for the targets that use it; `make demo` (and the server itself) needs neither.
+$(CLUSTER_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
+	touch $(CLUSTER_STAMP)
+
+install-cluster: $(CLUSTER_STAMP)
+
+bench-cluster: $(CLUSTER_STAMP)
+	$(PY) -m benchmarks.cluster
+
+# pyright reads mcp_server/cluster/ and mcp_server/redis_store.py, which import the cluster extra.
+lint: $(CLUSTER_STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/pyright

@@ -136,3 +136,21 @@ class StepOutOfMemory(RuntimeError):
 class DeviceFailure(RuntimeError):
     """The device failed in a way the process cannot recover from (the CUDA context is unusable): every job the
     runner held is lost, and only a new process can use the device again."""
+
+
+@dataclass(frozen=True)
+class PortableObject:
+    """A located object's model state in a form any process can hold (numpy, no torch): what crosses process
+    boundaries in the cluster (``mcp_server.cluster``) and what the Redis handle store keeps.
+
+    Attributes:
+        phrase: the words of the answer the object belongs to.
+        box: pixel xyxy in the original image.
+        square_box: the model's box, normalised xyxy in the expand-to-square frame.
+        at_hidden: float32 ``[hidden]``, the ``<at>`` state.
+    """
+
+    phrase: str
+    box: Box
+    square_box: Box
+    at_hidden: np.ndarray = field(repr=False, compare=False)

@@ -12,6 +12,7 @@ error that leaves the CUDA context unusable raises :class:`~mcp_server.messages.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -31,7 +32,9 @@ from mcp_server.messages import (
     Job,
     MaskJob,
     MaskOutcome,
+    MaskPrompt,
     Outcome,
+    PortableObject,
     StepOutOfMemory,
 )
 from nextchat.decode_graphs import DecodeMode
@@ -339,3 +342,32 @@ class NextChatRunner:
             x1, y1, x2, y2 = (round(v, 1) for v in obj.box)
             objects.append(FoundObject(obj.phrase, (x1, y1, x2, y2), obj))
         return GenerationOutcome(answer.parsed.segments, tuple(objects), result.finish_reason)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objects that cross processes (the cluster's model replicas): float32 numpy states out, the model's tensors back in.
+
+
+def portable_objects(outcome: GenerationOutcome) -> GenerationOutcome:
+    """``outcome`` with each located object's state as a :class:`PortableObject` (float32, on the host)."""
+    objects: list[FoundObject] = []
+    for obj in outcome.objects:
+        state = obj.state
+        if isinstance(state, GroundedObject):
+            hidden = state.at_hidden.detach().to("cpu", torch.float32).numpy()
+            state = PortableObject(state.phrase, state.box, state.square_box, hidden)
+        objects.append(FoundObject(obj.phrase, obj.box, state))
+    return dataclasses.replace(outcome, objects=tuple(objects))
+
+
+def grounded_prompts(job: MaskJob, dtype: str) -> MaskJob:
+    """``job`` with :class:`PortableObject` states made :class:`GroundedObject` s again, in the model's ``dtype``
+    (bf16 → float32 → bf16 is exact), so the runner takes them as if it had located them itself."""
+    prompts: list[MaskPrompt] = []
+    for prompt in job.prompts:
+        state = prompt.state
+        if isinstance(state, PortableObject):
+            hidden = torch.tensor(np.asarray(state.at_hidden, dtype=np.float32)).to(getattr(torch, dtype))
+            prompt = MaskPrompt(GroundedObject(state.phrase, state.box, state.square_box, hidden), prompt.box)
+        prompts.append(prompt)
+    return dataclasses.replace(job, prompts=tuple(prompts))

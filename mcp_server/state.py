@@ -17,7 +17,7 @@ from mcp.server.mcpserver import Context
 from mcp_server.executor import Executor, Runner
 from mcp_server.image_io import ImagePolicy
 from mcp_server.settings import Settings
-from mcp_server.stores import BoundedStore, ImageStore, Owner, StoredPicture
+from mcp_server.stores import BoundedStore, ImageHandles, ImageStore, Owner, PictureHandles, StoredPicture
 
 
 MAX_MASKS, MAX_MASK_BYTES = 4096, 512 << 20
@@ -78,9 +78,9 @@ class AppState:
 
     settings: Settings
     executor: Executor
-    images: ImageStore
-    masks: BoundedStore[StoredPicture]
-    overlays: BoundedStore[StoredPicture]
+    images: ImageHandles
+    masks: PictureHandles
+    overlays: PictureHandles
     policy: ImagePolicy
     model: PublicModelName
     started: bool = field(default=False, init=False)
@@ -126,8 +126,14 @@ AppContext = Context[AppState]
 """What tools receive: the request's context, whose lifespan context is the :class:`AppState`."""
 
 
+PRINCIPAL_SCOPE_KEY = "nextchat.principal"
+"""Where an HTTP guard that checked the caller's bearer token leaves the principal it belongs to, in the ASGI scope's
+``state`` (``mcp_server.cluster.auth`` does, for stateless serving)."""
+
+
 def session_owner(ctx: Context[AppState] | Context) -> Owner:
-    """The streamable-HTTP session a request arrived on, or ``None`` (stdio, in-memory, stateless HTTP).
+    """The streamable-HTTP session a request arrived on; without one (stateless HTTP), the principal of the bearer
+    token the request carried; else ``None`` (stdio, in-memory, stateless HTTP without tokens).
 
     Read from the connection the SDK built for the transport session, not from the ``Mcp-Session-Id`` header: on the
     stateless and 2026-07-28 HTTP paths that header reaches the tool unchecked, so it would let a client name itself
@@ -135,4 +141,16 @@ def session_owner(ctx: Context[AppState] | Context) -> Owner:
     session object; a failed lookup is an error (the call fails) rather than silently unbinding handles.
     """
     connection: Connection = ctx.request_context.session._connection  # pyright: ignore[reportPrivateUsage]  # see above
-    return connection.session_id
+    if connection.session_id is not None:
+        return connection.session_id
+    return request_principal(ctx.request_context.request)
+
+
+def request_principal(request: object) -> Owner:
+    """The principal a guard put in the HTTP request's scope (see :data:`PRINCIPAL_SCOPE_KEY`), or ``None``."""
+    scope: object = getattr(request, "scope", None)
+    if not isinstance(scope, dict):
+        return None
+    state: object = scope.get("state")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    principal: object = state.get(PRINCIPAL_SCOPE_KEY) if isinstance(state, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    return f"principal:{principal}" if isinstance(principal, str) else None

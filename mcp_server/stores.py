@@ -5,6 +5,10 @@ after a lifetime; a forgotten handle reads as "not found", and the tools say to 
 Over streamable HTTP every handle is also bound to the session that created it: stores are keyed by
 ``(owner, handle)``, so a handle presented by another session is simply absent (no refresh, no hint it exists).
 Thread-safe: the tools run on the event loop, the model in a worker thread.
+
+The classes here keep handles in this process (one machine, the default). :class:`ImageHandles` and
+:class:`PictureHandles` are what the tools need of a store; ``mcp_server.redis_store`` implements them on Redis, so that
+several server processes (``mcp_server.cluster``) share one set of handles.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from mcp_server.messages import DecodedImage
 from nextchat.tasks import Box
@@ -115,7 +119,7 @@ class StoredImage:
 
     handle: str
     image: DecodedImage
-    objects: dict[str, StoredObject] = field(default_factory=lambda: dict[str, StoredObject]())
+    objects: MutableMapping[str, StoredObject] = field(default_factory=lambda: dict[str, StoredObject]())
     _next_object: int = 1
 
     def add_object(self, phrase: str, box: Box, state: object) -> str:
@@ -182,3 +186,28 @@ class ImageStore:
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+class ImageHandles(Protocol):
+    """What the tools need of an image store (:class:`ImageStore` here, ``RedisImageStore`` across processes)."""
+
+    @property
+    def ttl_s(self) -> float: ...
+
+    def add(self, image: DecodedImage, owner: Owner = None) -> StoredImage:
+        """The owner's handle for ``image``: the one it already has for the same bytes, else a new one."""
+        ...
+
+    def get(self, handle: str, owner: Owner = None) -> StoredImage | None:
+        """The image behind ``handle`` if ``owner`` created it and it is still alive, else ``None``."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class PictureHandles(Protocol):
+    """What the tools need of a mask or overlay store, keyed by ``(owner, handle)``."""
+
+    def put(self, key: tuple[Owner, str], value: StoredPicture) -> None: ...
+
+    def get(self, key: tuple[Owner, str]) -> StoredPicture | None: ...
