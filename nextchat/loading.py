@@ -379,9 +379,17 @@ def save_pretrained(
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     else:
         torch.save(state, directory / "pytorch_model.bin")
-    config = model.config.to_checkpoint_dict()
-    config["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_config_files(model.config, tokenizer, directory, dtype or model.dtype)
+    return directory
+
+
+def write_config_files(
+    config: NextChatConfig, tokenizer: NextChatTokenizer, directory: Path, dtype: torch.dtype
+) -> None:
+    """config.json (official layout), generation_config.json and the tokenizer files of a checkpoint directory."""
+    raw = config.to_checkpoint_dict()
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
     generation: Mapping[str, Any] = {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
@@ -389,4 +397,3 @@ def save_pretrained(
     }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tokenizer.save_pretrained(directory)
-    return directory
