@@ -203,6 +203,7 @@ class NextChatRunner:
         device: str = "auto",
         dtype: str = "auto",
         *,
+        quantize: str = "none",
         cache_bytes: int = 512 << 20,
         fixed_new_tokens: int | None = None,
         cpu_threads: int | None = None,
@@ -215,7 +216,7 @@ class NextChatRunner:
         parallel op waits for the core the event loop holds (on two cores: 16 against 29 requests/s, see
         ``benchmarks/NOTES.md``).
         """
-        net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        net, tokenizer, _ = load_model(model, device=device, dtype=dtype, quantize=quantize)
         if net.device.type == "cpu":
             torch.set_num_threads(cpu_threads or default_cpu_threads())
         return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens, cuda_graphs=cuda_graphs)
