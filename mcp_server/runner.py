@@ -38,8 +38,9 @@ from mcp_server.messages import (
     StepOutOfMemory,
 )
 from nextchat.decode_graphs import DecodeMode
+from nextchat.devices import LARGE_LLM_PARAMETERS
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
-from nextchat.loading import load_model
+from nextchat.loading import llm_parameter_count, load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import GroundedObject, NextChatPipeline
 from nextchat.processing import ImageGeometry
@@ -217,6 +218,12 @@ class NextChatRunner:
         ``benchmarks/NOTES.md``).
         """
         net, tokenizer, _ = load_model(model, device=device, dtype=dtype, quantize=quantize)
+        if net.device.type == "cpu" and llm_parameter_count(net.config) > LARGE_LLM_PARAMETERS * 100:
+            log.warning(
+                "running a %s-parameter language model on the CPU: expect seconds per generated token and minutes "
+                "per image; it needs a GPU or Apple silicon to be interactive",
+                f"{llm_parameter_count(net.config) / 1e9:.1f} B",
+            )
         if net.device.type == "cpu":
             torch.set_num_threads(cpu_threads or default_cpu_threads())
         return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens, cuda_graphs=cuda_graphs)

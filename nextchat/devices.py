@@ -93,6 +93,21 @@ class Precision:
         return cls(llm=dtype, vision=dtype, heads=dtype, sam=dtype, reason=reason)
 
 
+def slow_device_warning(device: torch.device, llm_parameters: int) -> str | None:
+    """What to tell the user when a 7B-sized language model is about to run on a CPU (``None`` elsewhere).
+
+    Every decoded token reads all the LLM's weights (13.5 GB in bfloat16, 6.7 GB in int8), so a CPU's memory
+    bandwidth caps decoding at a few tokens per second at best; ``benchmarks/full_size.py`` measures it.
+    """
+    if device.type != "cpu" or llm_parameters <= LARGE_LLM_PARAMETERS:
+        return None
+    return (
+        f"running a {llm_parameters / 1e9:.1f} B-parameter language model on the CPU: loading takes minutes and "
+        "each answer seconds to minutes (every token reads all its weights); use a CUDA GPU or Apple silicon "
+        "(--device cuda / mps) for interactive use, or --quantize int8 to halve the weight bytes"
+    )
+
+
 def plan_precision(
     dtype: str | torch.dtype, device: torch.device, llm_parameters: int, *, bf16_hardware: bool | None = None
 ) -> Precision:

@@ -9,6 +9,7 @@ which are this package's attribute names; the keys some checkpoint eras add are 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaModel
 
 from nextchat.configuration import OFFICIAL_CLIP_TOWER, NextChatConfig, SamConfig
-from nextchat.devices import Precision, plan_precision, resolve_device
+from nextchat.devices import Precision, plan_precision, resolve_device, slow_device_warning
 from nextchat.devices import resolve_dtype as resolve_dtype  # re-exported: callers resolve dtypes here too
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.quantization import check_mode
@@ -33,6 +34,8 @@ from nextchat.tokenization import NextChatTokenizer
 
 # Keys a checkpoint may carry that hold no learned state here: transformers 4.31 saved LLaMA's rotary inv_freq
 # (recomputed from the config now) and some CLIP versions saved their position-id buffer.
+log = logging.getLogger(__name__)
+
 IGNORED_KEYS = (
     re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     re.compile(r"^model\.vision_tower\.vision_model\.embeddings\.position_ids$"),
@@ -292,7 +295,10 @@ def load_model(
         )
     torch_device = resolve_device(device)
     check_mode(quantize, torch_device)
-    precision = plan_precision(dtype, torch_device, llm_parameter_count(config))
+    llm_parameters = llm_parameter_count(config)
+    if (warning := slow_device_warning(torch_device, llm_parameters)) is not None:
+        log.warning(warning)
+    precision = plan_precision(dtype, torch_device, llm_parameters)
     model = build_empty(config, precision)
 
     report = LoadReport(sources={"checkpoint": str(directory)})

@@ -1,5 +1,6 @@
 """Device and dtype choice per part, int8 language-model weights, and meta-device loading of sharded checkpoints."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,8 @@ from support import make_image
 from torch import nn
 
 from benchmarks.random_checkpoint import is_complete, part_counts, write_random_checkpoint
-from nextchat import load_model, save_pretrained
-from nextchat.devices import cpu_flags, cpu_has_bf16, plan_precision, resolve_device, resolve_dtype
+from nextchat import devices, load_model, save_pretrained
+from nextchat.devices import cpu_flags, cpu_has_bf16, plan_precision, resolve_device, resolve_dtype, slow_device_warning
 from nextchat.pipeline import NextChatPipeline
 from nextchat.quantization import INT8_KERNEL_MAX_ROWS, Int8Linear, QuantizationError, estimate_memory
 
@@ -28,6 +29,21 @@ def test_auto_on_a_cpu_never_gives_a_7b_sized_llm_float32() -> None:
     assert {small.llm, small.vision, small.heads, small.sam} == {torch.float32}
     explicit = plan_precision("float32", CPU, SEVEN_B_LLM, bf16_hardware=False)
     assert explicit.llm == torch.float32  # asked for by name: honoured
+
+
+def test_loading_a_7b_sized_llm_on_a_cpu_warns(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="nextchat.loading"):
+        load_model(tiny_checkpoint, device="cpu")
+    assert not caplog.records  # a small model on a CPU is fine
+    monkeypatch.setattr(devices, "LARGE_LLM_PARAMETERS", 1000)  # the tiny LLM counts as large
+    with caplog.at_level(logging.WARNING, logger="nextchat.loading"):
+        load_model(tiny_checkpoint, device="cpu")
+    (record,) = caplog.records
+    assert "on the CPU" in record.getMessage() and "CUDA GPU or Apple silicon" in record.getMessage()
+    assert slow_device_warning(torch.device("cuda"), SEVEN_B_LLM) is None
+    assert slow_device_warning(CPU, SEVEN_B_LLM) is not None
 
 
 def test_bf16_hardware_is_read_from_cpuinfo_flags(tmp_path: Path) -> None:
