@@ -218,7 +218,7 @@ class NextChatRunner:
         ``benchmarks/NOTES.md``).
         """
         net, tokenizer, _ = load_model(model, device=device, dtype=dtype, quantize=quantize)
-        if net.device.type == "cpu" and llm_parameter_count(net.config) > LARGE_LLM_PARAMETERS * 100:
+        if net.device.type == "cpu" and llm_parameter_count(net.config) > LARGE_LLM_PARAMETERS:
             log.warning(
                 "running a %s-parameter language model on the CPU: expect seconds per generated token and minutes "
                 "per image; it needs a GPU or Apple silicon to be interactive",
