@@ -39,8 +39,9 @@ from mcp_server.messages import (
     StepOutOfMemory,
 )
 from nextchat.decode_graphs import DecodeMode
+from nextchat.devices import LARGE_LLM_PARAMETERS
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
-from nextchat.loading import load_model
+from nextchat.loading import llm_parameter_count, load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import GroundedObject, NextChatPipeline
 from nextchat.processing import ImageGeometry
@@ -214,6 +215,7 @@ class NextChatRunner:
         device: str = "auto",
         dtype: str = "auto",
         *,
+        quantize: str = "none",
         cache_bytes: int = 512 << 20,
         fixed_new_tokens: int | None = None,
         cpu_threads: int | None = None,
@@ -226,7 +228,13 @@ class NextChatRunner:
         parallel op waits for the core the event loop holds (on two cores: 16 against 29 requests/s, see
         ``benchmarks/NOTES.md``).
         """
-        net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        net, tokenizer, _ = load_model(model, device=device, dtype=dtype, quantize=quantize)
+        if net.device.type == "cpu" and llm_parameter_count(net.config) > LARGE_LLM_PARAMETERS:
+            log.warning(
+                "running a %s-parameter language model on the CPU: expect seconds per generated token and minutes "
+                "per image; it needs a GPU or Apple silicon to be interactive",
+                f"{llm_parameter_count(net.config) / 1e9:.1f} B",
+            )
         if net.device.type == "cpu":
             torch.set_num_threads(cpu_threads or default_cpu_threads())
         return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens, cuda_graphs=cuda_graphs)

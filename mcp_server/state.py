@@ -64,6 +64,7 @@ def default_runner_factory(settings: Settings) -> Callable[[], Runner]:
             settings.model,
             settings.device,
             settings.dtype,
+            quantize=settings.quantize,
             fixed_new_tokens=settings.fixed_new_tokens,
             cpu_threads=settings.cpu_threads,
             cuda_graphs=settings.cuda_graphs,
