@@ -105,10 +105,17 @@ class _Worker:
         return self.process.is_alive()
 
     def kill(self) -> None:
+        """End the process (from any thread); the thread talking to it then reads end of file. The pipe stays open
+        until :meth:`discard`: closing it under that thread would fail its read with an unrelated error."""
         with contextlib.suppress(OSError, ValueError, AttributeError):
             self.process.kill()
+
+    def discard(self) -> None:
+        """Kill the process and close the pipe: only once no thread uses the pipe any more."""
+        self.kill()
         with contextlib.suppress(OSError):
             self.connection.close()
+        self.process.join(1.0)
 
     def why_dead(self) -> str:
         """The caller's sentence for a worker that died on its own."""
@@ -190,10 +197,12 @@ class DecodePool:
         """Kill every worker, busy or idle; later decodes are refused with :data:`SHUTTING_DOWN`."""
         with self._lock:
             self._closed = True
-            workers = [*self._idle, *self._busy]
+            idle, busy = list(self._idle), list(self._busy)
             self._idle.clear()
-        for worker in workers:
-            worker.kill()
+        for worker in busy:
+            worker.kill()  # the thread waiting for it sees end of file and discards it
+        for worker in idle:
+            worker.discard()
 
     # ------------------------------------------------------------------------------------------------------------
     # Worker threads (one per decode in progress, at most ``workers``)
@@ -235,10 +244,11 @@ class DecodePool:
         if worker is None:
             worker = self._spawn()
         with self._lock:
-            self._busy.add(worker)
             closed = self._closed
+            if not closed:
+                self._busy.add(worker)
         if closed:
-            worker.kill()
+            worker.discard()
             raise DecodeRefused(SHUTTING_DOWN)
         return worker
 
@@ -249,8 +259,7 @@ class DecodePool:
                 self._idle.append(worker)
                 return
             self.replaced += 1
-        worker.kill()
-        worker.process.join(1.0)
+        worker.discard()
 
     def _spawn(self) -> _Worker:
         parent_end, child_end = self._context.Pipe(duplex=True)
