@@ -176,20 +176,21 @@ def slow_image_uri() -> str:
     return "data:image/bmp;base64," + base64.b64encode(rle8_bmp(3000, 2000)).decode()
 
 
-async def decoding(session: RawSession) -> None:
-    """Start a slow decode (call 1) and wait until the server has taken it: a status call sent after it is answered
-    (quickly: status waits for no decode)."""
-    await session.initialize()
-    await session.call(1, "locate_objects", {"image": slow_image_uri(), "query": "the red square"})
-    await session.call(2, "status", {})
-    assert "result" in await session.answer(2)
+async def decoding(drain_timeout: int) -> tuple[Process, RawSession]:
+    """Start the demo server, send it a slow decode (call 1) and wait until it has taken it: a status call sent after
+    it is answered (quickly: status waits for no decode)."""
+    process = await start(Path("demo"), "--drain-timeout", str(drain_timeout), "--timeout", "60")
+    session = RawSession(process)
+    with anyio.fail_after(60):
+        await session.initialize()
+        await session.call(1, "locate_objects", {"image": slow_image_uri(), "query": "the red square"})
+        await session.call(2, "status", {})
+        assert "result" in await session.answer(2)
+    return process, session
 
 
 async def test_sigterm_during_a_decode_kills_the_worker_and_exits_zero_within_drain_plus_two_seconds() -> None:
-    process = await start(Path("demo"), "--drain-timeout", "1", "--timeout", "60")
-    session = RawSession(process)
-    with anyio.fail_after(60):
-        await decoding(session)
+    process, session = await decoding(drain_timeout=1)
     process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     with anyio.fail_after(10):
@@ -199,10 +200,7 @@ async def test_sigterm_during_a_decode_kills_the_worker_and_exits_zero_within_dr
 
 
 async def test_a_second_sigterm_exits_at_once() -> None:
-    process = await start(Path("demo"), "--drain-timeout", "100", "--timeout", "60")
-    session = RawSession(process)
-    with anyio.fail_after(60):
-        await decoding(session)
+    process, session = await decoding(drain_timeout=100)
     process.send_signal(signal.SIGTERM)
     await session.call(3, "status", {})
     with anyio.fail_after(10):
