@@ -48,8 +48,8 @@ ANSWER_GRACE_S = 5.0  # after the executor drained, how long the finished calls 
 ANSWER_FLUSH_S = 0.2
 # After --drain-timeout, the calls still in progress are failed (decode workers killed, model jobs stopped) and get this
 # long to write their answers; the process is gone by drain timeout + SHUTDOWN_MARGIN_S whatever still runs.
-LAST_ANSWERS_S = 1.0
-SHUTDOWN_MARGIN_S = 1.8
+LAST_ANSWERS_S = 0.5
+SHUTDOWN_MARGIN_S = 1.5
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
