@@ -3,7 +3,7 @@
 Decoders run C code over attacker-chosen bytes and cannot be interrupted from Python: a progressive JPEG with
 thousands of scans, or a run-length BMP that Pillow decodes in Python, runs for minutes in whichever thread started
 it, holding the GIL, a core and memory. So decoding (with EXIF orientation and the conversion to RGB) runs in a
-worker process:
+worker process (:mod:`mcp_server.decode_worker`):
 
 - each worker has an address-space limit (``RLIMIT_AS``: what it had after start-up plus ``memory_bytes``) and, per
   image, a CPU-time limit (``RLIMIT_CPU``) at the call's deadline plus a margin, and runs at a lower CPU priority
@@ -12,115 +12,80 @@ worker process:
   for the next image; a worker that dies on its own is replaced the same way;
 - the caller gets one sentence (:data:`TOO_LONG`), and only the RGB pixels come back (as raw bytes, no pickle).
 
-Workers come from the ``forkserver`` context: forking the threaded server itself could copy a lock held by another
-thread into the child. Waits run in threads of the pool's own limiter, never in the shared thread pool, so a burst
-of decodes cannot delay a ``status`` call or a resource read. No lock on the decode path: each worker decodes one
-image at a time, so the warning filters :func:`~mcp_server.image_io.decode_image` swaps are its own.
+Workers are fresh interpreters (``python -m mcp_server.decode_worker``, fork and exec at once, so no lock held by
+another thread of the server is copied), not :mod:`multiprocessing` children, which re-run the parent's main module:
+under ``python -m benchmarks.bench`` that imported torch in every worker, and the worker started in the middle of a
+measured chunk held that chunk open for about 5 s (the concurrency-8 ratio fell from 2.2 to 1.3). The pool starts
+all its workers in the background at its first decode, and replaces a killed or dead worker in the background too,
+so a call rarely waits for a start. Waits run in threads of the pool's own limiter, never in the shared thread
+pool, so a burst of decodes cannot delay a ``status`` call or a resource read. No lock on the decode path: each
+worker decodes one image at a time, so the warning filters :func:`~mcp_server.image_io.decode_image` swaps are its
+own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
-import resource
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import numpy as np
 
-from mcp_server.image_io import DecodedImage, ImageInputError, ImagePolicy, decode_image
+from mcp_server.decode_worker import TOO_BIG
+from mcp_server.image_io import DecodedImage, ImageInputError, ImagePolicy
 
 
 TOO_LONG = "the image took too long to decode; send a smaller or baseline image"
-TOO_BIG = "the image needs more memory to decode than this server allows; send a smaller image"
 CRASHED = "the image decoder stopped on this image; send a different (re-encoded) image"
 SHUTTING_DOWN = "the server is shutting down and takes no new requests; retry shortly"
-WORKER_NICENESS = 5  # decodes yield the CPU to the model and the protocol
 CPU_MARGIN_S = 1.0  # the CPU limit is the time left before the deadline plus this (the parent's kill comes first)
+# The directory holding the ``mcp_server`` package: put first on the worker's path, so the worker runs this very
+# code (a checkout run with PYTHONPATH, or an installed copy), whatever the current directory.
+_CODE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 class DecodeRefused(ImageInputError):
     """The decode did not finish: too long, too much memory, a crashed decoder or a server shutting down."""
 
 
-def _worker_main(connection: Connection, memory_bytes: int) -> None:
-    """A worker's life: set its limits, then decode requests until the parent closes the pipe."""
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_AS, (_address_space() + memory_bytes, resource.RLIM_INFINITY))
-    while True:
-        try:
-            data, policy, source, cpu_seconds = connection.recv()
-        except (EOFError, OSError):
-            return
-        _limit_cpu(cpu_seconds)
-        try:
-            image = decode_image(data, policy, source)
-        except ImageInputError as error:
-            connection.send(("error", str(error)))
-            continue
-        except MemoryError:
-            connection.send(("error", TOO_BIG))
-            continue
-        pixels = np.ascontiguousarray(image.pixels)
-        connection.send(("ok", pixels.shape, image.sha256, image.format))
-        connection.send_bytes(pixels.data.cast("B"))
-
-
-def _address_space() -> int:
-    """This process's mapped bytes (``VmSize``), or 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _limit_cpu(seconds: float) -> None:
-    """Let this process use ``seconds`` more CPU time; past that the kernel sends SIGXCPU, which ends it."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = usage.ru_utime + usage.ru_stime
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_CPU, (int(used + seconds) + 1, resource.RLIM_INFINITY))
-
-
 @dataclass(eq=False)  # compared and hashed by identity: the pool keeps its busy workers in a set
 class _Worker:
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
     connection: Connection
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return self.process.poll() is None
 
     def kill(self) -> None:
-        """End the process (from any thread); the thread talking to it then reads end of file. The pipe stays open
-        until :meth:`discard`: closing it under that thread would fail its read with an unrelated error."""
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            self.process.kill()
+        """End the process (from any thread); the thread talking to it then reads end of file. The socket stays
+        open until :meth:`discard`: closing it under that thread would fail its read with an unrelated error."""
+        with contextlib.suppress(OSError):
+            self.process.kill()  # a no-op once the process has been reaped, so never another process's id
 
     def discard(self) -> None:
-        """Kill the process and close the pipe: only once no thread uses the pipe any more."""
+        """Kill the process and close the socket: only once no thread uses the socket any more."""
         self.kill()
         with contextlib.suppress(OSError):
             self.connection.close()
-        self.process.join(1.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(1.0)
 
     def why_dead(self) -> str:
         """The caller's sentence for a worker that died on its own."""
-        self.process.join(1.0)
-        return TOO_LONG if self.process.exitcode == -signal.SIGXCPU else CRASHED
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(1.0)
+        return TOO_LONG if self.process.returncode == -signal.SIGXCPU else CRASHED
 
 
 @dataclass
@@ -148,7 +113,7 @@ class _Call:
 
 
 class DecodePool:
-    """Decodes images in ``workers`` worker processes (started when first needed).
+    """Decodes images in ``workers`` worker processes (all started in the background at the first decode).
 
     Args:
         workers: processes decoding at once; more calls wait for one (within their deadline).
@@ -157,13 +122,11 @@ class DecodePool:
 
     def __init__(self, workers: int = 2, memory_bytes: int = 2 << 30) -> None:
         self.workers, self.memory_bytes = workers, memory_bytes
-        self._context = multiprocessing.get_context("forkserver")
-        # The fork server imports the decoder once; each worker is then a cheap fork of it.
-        self._context.set_forkserver_preload(["mcp_server.decode_pool"])
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._starting = 0  # workers being started in the background
         self._limiter: anyio.CapacityLimiter | None = None
         self.replaced = 0  # workers killed or dead and replaced (for tests and figures)
 
@@ -182,6 +145,7 @@ class DecodePool:
             raise DecodeRefused(SHUTTING_DOWN)
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.workers)
+            self._start_spares()
         call = _Call(data, policy, source, deadline)
         try:
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):
@@ -255,17 +219,63 @@ class DecodePool:
     def _checkin(self, worker: _Worker) -> None:
         with self._lock:
             self._busy.discard(worker)
-            if worker.alive() and not self._closed:
+            alive = worker.alive()
+            if alive and not self._closed and self._keeps_another():
                 self._idle.append(worker)
                 return
-            self.replaced += 1
+            self.replaced += not alive
         worker.discard()
+        if not alive:
+            self._start_spares()  # the next decode finds its replacement started
+
+    def _keeps_another(self) -> bool:
+        """Whether the pool is short of ``workers`` processes (a caller may have started one while a spare was
+        starting; the surplus is discarded). Call with the lock held."""
+        return len(self._idle) + len(self._busy) < self.workers
+
+    def _start_spares(self) -> None:
+        """Start, in a background thread, the workers the pool is short of."""
+        with self._lock:
+            missing = self.workers - len(self._idle) - len(self._busy) - self._starting
+            if self._closed or missing <= 0:
+                return
+            self._starting += missing
+        threading.Thread(target=self._add_spares, args=(missing,), name="decode-pool-start", daemon=True).start()
+
+    def _add_spares(self, count: int) -> None:
+        for _ in range(count):
+            try:
+                worker = self._spawn()
+            except OSError:
+                worker = None  # out of processes or memory: a decode starts its own worker (and reports failure)
+            with self._lock:
+                self._starting -= 1
+                kept = worker is not None and not self._closed and self._keeps_another()
+                if kept and worker is not None:
+                    self._idle.append(worker)
+            if worker is not None and not kept:
+                worker.discard()
 
     def _spawn(self) -> _Worker:
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_worker_main, args=(child_end, self.memory_bytes), name="nextchat-decode", daemon=True
-        )
-        process.start()
-        child_end.close()
-        return _Worker(process, parent_end)
+        """A fresh worker process, talking over a socket pair (it imports the decoder while the caller goes on)."""
+        parent_end, child_end = socket.socketpair()
+        try:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+            fd = child_end.fileno()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mcp_server.decode_worker", str(fd), str(self.memory_bytes)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(fd,),
+                env=env,
+            )  # stdout is the stdio transport's channel: never the worker's; its stderr is the server's log
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        return _Worker(process, Connection(parent_end.detach()))
+
+
+__all__ = ["CRASHED", "SHUTTING_DOWN", "TOO_BIG", "TOO_LONG", "DecodePool", "DecodeRefused"]

@@ -1,0 +1,83 @@
+"""The worker side of the decode pool: a small process that decodes one image at a time under OS limits.
+
+Started by :class:`mcp_server.decode_pool.DecodePool` as ``python -m mcp_server.decode_worker FD MEMORY_BYTES``, a
+fresh interpreter that imports only the decoder (numpy, Pillow and :mod:`mcp_server.image_io`). It is deliberately
+not a :mod:`multiprocessing` child: those re-run the parent's main module in every worker, and when that module is a
+program that imports torch (``python -m benchmarks.bench``, a test runner, an embedding application) each worker
+start took seconds of CPU and held torch's memory for nothing.
+
+``FD`` is the worker's end of a socket pair, spoken with :class:`multiprocessing.connection.Connection`: the parent
+sends ``(data, policy, source, cpu_seconds)``; the worker answers ``("error", sentence)`` or
+``("ok", shape, sha256, format)`` followed by the RGB pixels as raw bytes (no pickle of the array).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from mcp_server.image_io import ImageInputError, decode_image
+
+
+WORKER_NICENESS = 5  # decodes yield the CPU to the model and the protocol
+TOO_BIG = "the image needs more memory to decode than this server allows; send a smaller image"
+
+
+def serve(connection: Connection, memory_bytes: int) -> None:
+    """A worker's life: set its limits, then decode requests until the parent closes its end (or goes away)."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (address_space() + memory_bytes, resource.RLIM_INFINITY))
+    while True:
+        try:
+            data, policy, source, cpu_seconds = connection.recv()
+        except (EOFError, OSError):
+            return
+        limit_cpu(cpu_seconds)
+        try:
+            image = decode_image(data, policy, source)
+        except ImageInputError as error:
+            connection.send(("error", str(error)))
+            continue
+        except MemoryError:
+            connection.send(("error", TOO_BIG))
+            continue
+        pixels = np.ascontiguousarray(image.pixels)
+        connection.send(("ok", pixels.shape, image.sha256, image.format))
+        connection.send_bytes(pixels.data.cast("B"))
+
+
+def address_space() -> int:
+    """This process's mapped bytes (``VmSize``), or 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def limit_cpu(seconds: float) -> None:
+    """Let this process use ``seconds`` more CPU time; past that the kernel sends SIGXCPU, which ends it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = usage.ru_utime + usage.ru_stime
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CPU, (int(used + seconds) + 1, resource.RLIM_INFINITY))
+
+
+def main(argv: list[str]) -> None:
+    """``FD MEMORY_BYTES``: serve on the inherited socket ``FD``, mapping at most ``MEMORY_BYTES`` beyond start-up."""
+    fd, memory_bytes = int(argv[0]), int(argv[1])
+    serve(Connection(fd), memory_bytes)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
