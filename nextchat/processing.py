@@ -83,14 +83,103 @@ def vision_pixel_values(
     """The vision tower's input for an RGB uint8 ``[H, W, 3]`` image: float32 ``[3, size, size]``.
 
     Expand to a white square, resize (bicubic, as ``CLIPImageProcessor``; the centre crop of a square resized to the
-    crop size is the identity), rescale to 0–1 and normalise.
+    crop size is the identity), rescale to 0–1 and normalise. The result is the official one to the last bit, but
+    the ``L × L`` square is never built when it is larger than the input (see :func:`square_resized`).
     """
-    square = Image.fromarray(expand_to_square(image))
-    if square.size != (size, size):
-        square = square.resize((size, size), Image.Resampling.BICUBIC)
-    x = np.asarray(square, dtype=np.float32) * np.float32(1 / 255)
+    x = square_resized(image, size).astype(np.float32) * np.float32(1 / 255)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def square_resized(image: np.ndarray, size: int) -> np.ndarray:
+    """An RGB uint8 ``[H, W, 3]`` image expanded to a white ``L × L`` square and resized (PIL bicubic) to
+    ``[size, size, 3]`` uint8: bit for bit what PIL gives for the square, in memory bounded by the image and
+    ``L × size``, never ``L²`` (a 16384×8 strip built a 768 MiB square, and resizing it took seconds).
+
+    PIL resizes in two passes, each rounded to uint8: across the rows (horizontal), then down the columns
+    (vertical), and a pass over one axis only is the same computation. The padding of a wide image is rows of
+    white, whose horizontal pass is one white row: so the image alone goes through the horizontal pass, and the
+    ``L × size`` intermediate (image rows between white ones) through the vertical pass. A tall image's rows are
+    padded left and right: for a narrow one, only the few output columns whose bicubic window reaches the image
+    differ from white, and those are computed with PIL's own coefficients (:func:`_pil_bicubic_taps`); a wider one
+    goes through PIL's horizontal pass in bands of padded rows.
+    """
+    h, w = image.shape[:2]
+    side = max(h, w)
+    if h == w or side <= size:  # nothing to pad, or a square no larger than the output
+        square = Image.fromarray(expand_to_square(image))
+        return np.asarray(square if square.size == (size, size) else square.resize((size, size), _BICUBIC))
+    white = np.asarray(Image.new("RGB", (side, 1), (255, 255, 255)).resize((size, 1), _BICUBIC))[0]  # [size, 3]
+    between = np.empty((side, size, 3), dtype=np.uint8)  # the horizontal pass of the whole square
+    between[:] = white
+    if w == side:  # wide: white rows above and below
+        top = (side - h) // 2
+        between[top : top + h] = np.asarray(Image.fromarray(image).resize((size, h), _BICUBIC))
+    else:  # tall: white on the left and right of every row
+        _horizontal_pass_of_padded_rows(image, (side - w) // 2, side, between)
+    return np.asarray(Image.fromarray(between).resize((size, size), _BICUBIC))  # the vertical pass alone
+
+
+_BICUBIC = Image.Resampling.BICUBIC
+_PRECISION_BITS = 22  # PIL's fixed-point coefficients for 8-bit images (32 - 8 - 2)
+_PADDED_ROWS_PIXELS = 1 << 21  # padded rows resized by PIL at once (about 6 MiB of RGB)
+
+
+def _horizontal_pass_of_padded_rows(image: np.ndarray, left: int, side: int, out: np.ndarray) -> None:
+    """Fill ``out`` ``[side, size, 3]`` (white already) with the horizontal pass of ``image``'s rows padded white to
+    ``side`` columns, the image starting at column ``left``."""
+    h, w = image.shape[:2]
+    size = out.shape[1]
+    taps = _pil_bicubic_taps(side, size)
+    reaching = [o for o, (first, weights) in enumerate(taps) if first < left + w and first + len(weights) > left]
+    if len(reaching) * 16 > size:  # a wide share of the output: PIL's pass over bands of padded rows is faster
+        rows_at_once = max(1, _PADDED_ROWS_PIXELS // side)
+        for start in range(0, h, rows_at_once):
+            band = np.full((min(rows_at_once, h - start), side, 3), 255, dtype=np.uint8)
+            band[:, left : left + w] = image[start : start + len(band)]
+            out[start : start + len(band)] = np.asarray(Image.fromarray(band).resize((size, len(band)), _BICUBIC))
+        return
+    for o in reaching:
+        first, weights = taps[o]
+        total = np.full((h, 3), 1 << (_PRECISION_BITS - 1), dtype=np.int64)
+        for column, weight in enumerate(weights, start=first):
+            inside = left <= column < left + w
+            total += image[:, column - left].astype(np.int64) * weight if inside else 255 * weight
+        out[:, o] = np.clip(total >> _PRECISION_BITS, 0, 255)
+
+
+def _pil_bicubic_taps(length: int, out: int) -> list[tuple[int, list[int]]]:
+    """PIL's bicubic resize of ``length`` pixels to ``out``: per output, its first input and fixed-point weights.
+
+    The arithmetic of Pillow's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` (``Resample.c``), in the same
+    order in double precision, so the weights are PIL's to the bit.
+    """
+    scale = length / out
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    taps: list[tuple[int, list[int]]] = []
+    for o in range(out):
+        centre = 0.0 + (o + 0.5) * scale
+        first = max(0, int(centre - support + 0.5))
+        count = min(length, int(centre + support + 0.5)) - first
+        raw = [_bicubic(((x + first) - centre + 0.5) * (1.0 / filterscale)) for x in range(count)]
+        norm = 0.0
+        for value in raw:
+            norm += value
+        fixed = [value / norm if norm != 0.0 else value for value in raw]
+        taps.append((first, [int((-0.5 if v < 0 else 0.5) + v * (1 << _PRECISION_BITS)) for v in fixed]))
+    return taps
+
+
+def _bicubic(x: float) -> float:
+    """PIL's bicubic kernel (a = -0.5), written as Pillow writes it."""
+    a = -0.5
+    x = -x if x < 0.0 else x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,14 +241,31 @@ def mask_logits_to_original(low_res: torch.Tensor, geometry: ImageGeometry, sam_
     """SAM decoder logits ``[N, 1, s, s]`` → logits on the original image ``[N, H, W]`` (float32).
 
     As the official code: bilinear to ``S × S``, bilinear to ``L × L`` (L = long side), then crop the centred band of
-    the short side. Threshold at 0 for the binary mask.
+    the short side. Threshold at 0 for the binary mask. Only the cropped band of the ``L × L`` map is computed
+    (:func:`_bilinear_rows`, PyTorch's own source positions and weights), so a 16384×8 image costs its own pixels,
+    not a 1 GiB square per mask.
     """
-    x = low_res.float()
-    x = F.interpolate(x, (sam_size, sam_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(low_res.float(), (sam_size, sam_size), mode="bilinear", align_corners=False)[:, 0]
     side = geometry.side
-    x = F.interpolate(x, (side, side), mode="bilinear", align_corners=False)[:, 0]
     left, top = geometry.square_offset
-    return x[:, top : top + geometry.height, left : left + geometry.width]
+    rows = (top, top + geometry.height)
+    cols = (left, left + geometry.width)
+    if geometry.height <= geometry.width:  # the short side's band first: the smaller intermediate
+        return _bilinear_rows(_bilinear_rows(x, side, rows).transpose(1, 2), side, cols).transpose(1, 2)
+    return _bilinear_rows(_bilinear_rows(x.transpose(1, 2), side, cols).transpose(1, 2), side, rows)
+
+
+def _bilinear_rows(x: torch.Tensor, out_size: int, span: tuple[int, int]) -> torch.Tensor:
+    """Rows ``span`` of ``x`` ``[N, R, C]`` resized along its rows to ``out_size`` (``F.interpolate`` bilinear,
+    ``align_corners=False``): ``[N, span length, C]``. Source positions and weights are PyTorch's, in float32."""
+    size = x.shape[1]
+    scale = torch.tensor(float(size), dtype=torch.float32) / out_size
+    target = torch.arange(span[0], span[1], dtype=torch.float32)
+    source = (scale * (target + 0.5) - 0.5).clamp(min=0)
+    below = source.long()
+    above = torch.where(below < size - 1, below + 1, below)
+    weight = (source - below).clamp(0, 1)[None, :, None]
+    return x[:, below] * (1 - weight) + x[:, above] * weight
 
 
 def box_of_mask(mask: np.ndarray) -> tuple[float, float, float, float] | None:

@@ -1,6 +1,10 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from nextchat.processing import (
     ImageGeometry,
@@ -10,6 +14,7 @@ from nextchat.processing import (
     expand_to_square,
     mask_logits_to_original,
     sam_pixel_values,
+    square_resized,
     vision_pixel_values,
 )
 
@@ -94,3 +99,49 @@ def test_box_of_mask_is_tight_with_exclusive_max() -> None:
     mask[5:9, 10:21] = True
     assert box_of_mask(mask) == (10.0, 5.0, 21.0, 9.0)
     assert box_of_mask(np.zeros((4, 4), dtype=bool)) is None
+
+
+def square_then_resized(image: np.ndarray, size: int) -> np.ndarray:
+    """The official order, in full: the white ``L × L`` square, then PIL's bicubic resize."""
+    return np.asarray(Image.fromarray(expand_to_square(image)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+# (height, width, size): wide; tall and narrow (a few output columns reach the image); tall and wide (PIL's pass in
+# bands); upscaled (square no larger than the output); odd sizes whose scales are not round.
+RESIZE_CASES = [(8, 2048, 224), (1000, 9, 336), (1200, 7, 56), (545, 229, 224), (797, 351, 336), (40, 30, 56)]
+RESIZE_CASES += [(1277, 958, 224), (58, 1149, 336), (1335, 116, 448), (668, 229, 448)]
+
+
+@pytest.mark.parametrize(("height", "width", "size"), RESIZE_CASES)
+def test_square_resized_is_pil_on_the_full_square_bit_for_bit(height: int, width: int, size: int) -> None:
+    image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    assert np.array_equal(square_resized(image, size), square_then_resized(image, size))
+
+
+@pytest.mark.parametrize("shape", [(8, 16384), (16384, 8)], ids=["wide", "tall"])
+def test_vision_input_of_a_long_thin_image_never_builds_the_square(shape: tuple[int, int]) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        pixels = vision_pixel_values(image, 336)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pixels.shape == (3, 336, 336)
+    assert peak < 64 << 20  # numpy's allocations (the 16384² square alone was 768 MiB)
+
+
+def full_square_mask_logits(low_res: torch.Tensor, geometry: ImageGeometry, sam_size: int) -> torch.Tensor:
+    """The official order, in full: bilinear to S × S, to L × L, then the crop."""
+    x = F.interpolate(low_res.float(), (sam_size, sam_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, (geometry.side, geometry.side), mode="bilinear", align_corners=False)[:, 0]
+    left, top = geometry.square_offset
+    return x[:, top : top + geometry.height, left : left + geometry.width]
+
+
+@pytest.mark.parametrize("size", [(2000, 9), (9, 2000), (333, 517), (700, 700), (40, 25)])
+def test_mask_logits_match_the_full_square_computation(size: tuple[int, int]) -> None:
+    geometry = ImageGeometry(*size)
+    low = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(sum(size))) * 10
+    logits = mask_logits_to_original(low, geometry, 64)
+    torch.testing.assert_close(logits, full_square_mask_logits(low, geometry, 64), atol=1e-4, rtol=1e-4)
