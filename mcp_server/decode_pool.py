@@ -153,6 +153,8 @@ class DecodePool:
         except TimeoutError:
             call.abandon()
             raise DecodeRefused(TOO_LONG) from None
+        except ImageInputError:
+            raise  # the worker answered (or was dealt with): it stays for the next image, alive
         except BaseException:
             call.abandon()  # the caller was cancelled: its decode stops now, not at the deadline
             raise

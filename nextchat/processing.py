@@ -44,9 +44,13 @@ class ImageGeometry:
         return (self.side - self.width) // 2, (self.side - self.height) // 2
 
     def sam_resized_size(self, sam_size: int) -> tuple[int, int]:
-        """``(w, h)`` of the image resized so its long side is ``sam_size`` (``ResizeLongestSide`` rounding)."""
+        """``(w, h)`` of the image resized so its long side is ``sam_size`` (``ResizeLongestSide`` rounding).
+
+        A side that rounds to 0 (an image thinner than ``side / sam_size`` / 2 pixels, where the official resize
+        fails) is kept at 1 pixel.
+        """
         scale = sam_size / self.side
-        return int(self.width * scale + 0.5), int(self.height * scale + 0.5)
+        return max(1, int(self.width * scale + 0.5)), max(1, int(self.height * scale + 0.5))
 
     def sam_padding(self, sam_size: int) -> tuple[int, int]:
         """Left/top zero padding of the resized image inside ``sam_size × sam_size`` (centred)."""

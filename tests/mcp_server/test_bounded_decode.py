@@ -96,3 +96,17 @@ async def test_a_closed_pool_refuses_at_once(pool) -> None:
     pool.close()
     with pytest.raises(ImageInputError, match="shutting down"):
         await pool.decode(b"\x89PNG", ImagePolicy(), "data", time.monotonic() + 5)
+
+
+@pytest.mark.anyio
+async def test_a_refused_image_leaves_its_worker_alive_for_the_next_caller(pool) -> None:
+    # The refusal is the worker's answer: killing that worker after handing it back made the next caller's good
+    # image fail with "the image decoder stopped".
+    small = encode(Image.fromarray(noise(64, 48)), "PNG")
+    for _ in range(2):
+        with pytest.raises(ImageInputError, match="markers"):
+            await pool.decode(b"\xff\xd8" + b"\xff\xe1\x00\x02" * 5000 + b"\xff\xd9", ImagePolicy(), "data",
+                              time.monotonic() + 30)  # fmt: skip
+        image = await pool.decode(small, ImagePolicy(), "data", time.monotonic() + 30)
+        assert np.array_equal(image.pixels, noise(64, 48))
+    assert pool.replaced == 0

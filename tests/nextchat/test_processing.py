@@ -145,3 +145,10 @@ def test_mask_logits_match_the_full_square_computation(size: tuple[int, int]) ->
     low = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(sum(size))) * 10
     logits = mask_logits_to_original(low, geometry, 64)
     torch.testing.assert_close(logits, full_square_mask_logits(low, geometry, 64), atol=1e-4, rtol=1e-4)
+
+
+def test_a_side_too_thin_for_the_sam_frame_keeps_one_pixel() -> None:
+    geometry = ImageGeometry(16384, 8)  # 8 × 256 / 16384 = 0.125 rows: the official resize fails here
+    assert geometry.sam_resized_size(256) == (256, 1)
+    assert geometry.sam_padding(256) == (0, 127)
+    assert sam_pixel_values(np.zeros((8, 16384, 3), dtype=np.uint8), 256).shape == (3, 256, 256)
