@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -112,6 +113,11 @@ class _Call:
                 self.worker.kill()
 
 
+def _end_workers(idle: list[_Worker], busy: set[_Worker]) -> None:
+    for worker in [*idle, *busy]:
+        worker.discard()
+
+
 class DecodePool:
     """Decodes images in ``workers`` worker processes (all started in the background at the first decode).
 
@@ -129,6 +135,9 @@ class DecodePool:
         self._starting = 0  # workers being started in the background
         self._limiter: anyio.CapacityLimiter | None = None
         self.replaced = 0  # workers killed or dead and replaced (for tests and figures)
+        # A pool dropped without close() (a server built in a test) still ends its workers, as does the process
+        # when it exits; the callback holds the worker lists, not the pool.
+        weakref.finalize(self, _end_workers, self._idle, self._busy)
 
     @property
     def closed(self) -> bool:
