@@ -290,8 +290,8 @@ async def call_ignoring_the_outcome(client: Client, arguments: dict) -> None:
         await client.call_tool("locate_objects", arguments)
 
 
-# Not met on this machine: with the model loaded and a worker decoding the bomb, the process ended 5.2 to 9.5 s after
-# SIGTERM (drain 1 s) in four runs, against cli.exit_soon's timer at drain + 1.5 s; with the model still importing,
+# Not met on this machine: with the model loaded and a worker decoding the bomb, the process ended 2.7 to 9.5 s after
+# SIGTERM (drain 1 s; 4 of 6 runs over 3 s), against cli.exit_soon's timer at drain + 1.5 s; with the model importing,
 # 2.7 to 4.8 s. The timer is a Python thread, so it fires only when it gets the GIL. Kept visible, not weakened.
 EXIT_TIMER_LATE = pytest.mark.xfail(strict=False, reason="the exit timer fires seconds late (see the comment above)")
 
