@@ -1,7 +1,6 @@
 """Bounded decoding: structural caps refuse scan bombs and marker floods at once; the decode pool kills a worker at
 the call's deadline, replaces it, and keeps decoding for the next caller."""
 
-import io
 import struct
 import time
 
@@ -9,24 +8,11 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
-from support import encode, noise, rle8_bmp
+from support import CAP, POOL_KILLS_AN_IDLE_WORKER, encode, noise, rle8_bmp, scan_bomb
 
 from mcp_server.decode_pool import TOO_LONG, DecodePool
 from mcp_server.image_io import ImageInputError, ImagePolicy
 from mcp_server.image_structure import StructureError, check_structure
-
-
-CAP = 20 * 1024 * 1024
-MINIMAL_SOS = b"\xff\xda\x00\x08\x01\x01\x00\x00\x00\x00"
-
-
-def scan_bomb(size: int = CAP) -> bytes:
-    """A progressive grey JPEG with empty scans inserted before EOI up to ``size`` bytes (the issue's reproduction)."""
-    buffer = io.BytesIO()
-    Image.new("L", (6000, 6000), 128).save(buffer, "JPEG", progressive=True)
-    base = buffer.getvalue()
-    end = base.rindex(b"\xff\xd9")
-    return base[:end] + MINIMAL_SOS * ((size - len(base)) // len(MINIMAL_SOS)) + b"\xff\xd9"
 
 
 @pytest.mark.parametrize(
@@ -82,6 +68,18 @@ async def test_a_decode_past_its_deadline_is_killed_and_the_next_decode_gets_a_f
     await replaced(pool)
     image = await pool.decode(small, ImagePolicy(), "data", time.monotonic() + 30)
     assert np.array_equal(image.pixels, noise(64, 48))
+
+
+@POOL_KILLS_AN_IDLE_WORKER
+@pytest.mark.anyio
+async def test_a_refused_image_leaves_its_worker_decoding_the_next_callers_image(pool) -> None:
+    small = encode(Image.fromarray(noise(64, 48)), "PNG")
+    for refused, message in [(scan_bomb(1 << 20), "progressive scans"), (b"\xff\xd8\xff" + bytes(64), "corrupt")]:
+        with pytest.raises(ImageInputError, match=message):
+            await pool.decode(refused, ImagePolicy(), "data", time.monotonic() + 30)
+        image = await pool.decode(small, ImagePolicy(), "data", time.monotonic() + 30)  # the same, only worker
+        assert np.array_equal(image.pixels, noise(64, 48))
+    assert pool.replaced == 0
 
 
 @pytest.mark.anyio

@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 import pytest
 from mcp import Client, StdioServerParameters
+from server_process import RawSession, start, stop
 from support import png_data_uri
 
 from nextchat.demo.evaluate import box_iou
@@ -74,3 +75,31 @@ def test_inspector_cli_lists_the_tools_and_calls_one(scenes, tmp_path) -> None:
     assert located["image"]["width"] == scenes[2].width
     assert box_iou(located["objects"][0]["box"], scenes[2].objects[0].box) >= 0.5
     assert np.isfinite(located["provenance"]["elapsed_ms"])
+
+
+# Requests that carry an id but are malformed. The SDK (mcp 2.x) answers none of them over stdio (see
+# docs/reliability.md, "Malformed JSON-RPC"); what this checks is that each leaves the session working.
+MALFORMED = {
+    "float id": b'{"jsonrpc":"2.0","id":1.5,"method":"tools/call","params":{"name":"status","arguments":{}}}',
+    "params array": b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":["status",{}]}',
+    "batch": b'[{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"status","arguments":{}}}]',
+    "BOM": b'\xef\xbb\xbf{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"status","arguments":{}}}',
+    "truncated": b'{"jsonrpc":"2.0","id":10,',
+}
+
+
+async def test_malformed_requests_leave_the_session_answering() -> None:
+    process = await start("demo")
+    try:
+        session = RawSession(process)
+        with anyio.fail_after(120):
+            await session.initialize()
+            for number, (name, line) in enumerate(MALFORMED.items(), start=100):
+                await session.send_line(line)
+                await session.send({"jsonrpc": "2.0", "id": number, "method": "ping"})
+                assert "result" in await session.answer(number), name
+        # Anything that did answer a malformed request (it came before its ping's answer) must be an error.
+        for key in set(session.answers) - {0} - set(range(100, 100 + len(MALFORMED))):
+            assert "error" in session.answers[key], session.answers[key]
+    finally:
+        await stop(process)

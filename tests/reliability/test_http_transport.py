@@ -80,6 +80,24 @@ def http(tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
+def http_with_runner(tiny_checkpoint: Path):
+    """The HTTP server, and its runner once built (the executor builds it in its own thread)."""
+    from mcp_server.runner import NextChatRunner
+
+    runners: list[NextChatRunner] = []
+
+    def build() -> NextChatRunner:
+        runners.append(NextChatRunner.load(str(tiny_checkpoint), "cpu"))
+        return runners[-1]
+
+    server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", transport="streamable-http"), build)
+    with LoopbackHttp(server.streamable_http_app()) as service:
+        yield service, runners
+    server.app.executor.stop()
+    server.app.decoder.close()
+
+
+@pytest.fixture(scope="module")
 def http_with_token(tiny_checkpoint: Path):
     yield from serve(tiny_checkpoint, TOKEN)
 
@@ -205,3 +223,19 @@ async def test_stateless_2026_requests_are_served_and_see_no_session_handles(htt
             served = await stateless.call_tool("describe_region", {"image": nonce.uri, "box": nonce.box})
             assert not served.is_error, text(served)
             assert served.structured_content["image"]["sha256_prefix"] == nonce.sha_prefix
+
+
+async def test_the_encoder_caches_are_not_shared_between_sessions(http_with_runner) -> None:
+    """No cross-session timing signal: the same bytes from a second session are a cache miss (encoded again), so
+    how fast its answer comes says nothing about what another session sent. Within one session they are a hit."""
+    service, runners = http_with_runner
+    nonce = Nonce.make(3)
+    with anyio.fail_after(300):
+        async with Client(service.url, mode="legacy") as alice, Client(service.url, mode="legacy") as bob:
+            for client, expected in [(alice, (0, 1)), (alice, (1, 1)), (bob, (1, 2)), (bob, (2, 2))]:
+                result = await client.call_tool("locate_objects", {"image": nonce.uri, "query": "the red box"})
+                assert not result.is_error, text(result)
+                features = runners[0].features
+                assert (features.hits, features.misses) == expected, (client is alice, features.hits, features.misses)
+    owners = {key.rsplit("/", 1)[0] for key in runners[0].features._items}  # keys are "owner/sha256"
+    assert len(owners) == 2 and "" not in owners, owners  # one entry per session, none shared
