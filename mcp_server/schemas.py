@@ -111,11 +111,6 @@ class Provenance(ResultModel):
     """Where a result came from."""
 
     model: str
-    scope: str = Field(description="What the model was trained for; outside it its answers are not meaningful.")
-    warnings: list[str] = Field(
-        default_factory=list[str],
-        description="Sentences to heed before trusting the result, e.g. that the image is outside the model's scope.",
-    )
     elapsed_ms: float
     decoding: Literal["greedy"] = "greedy"
 

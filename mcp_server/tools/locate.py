@@ -43,9 +43,6 @@ async def locate_objects(
 
     Each object gets an id (o1, o2, ...) to pass to segment_object or describe_region with the returned image id.
     `found` is false when the model located nothing. No confidence score is given: the model has none for boxes.
-    provenance.scope says what the answering model knows (the demo model: coloured circles, squares and triangles on
-    a plain background only); provenance.warnings is non-empty when the image is outside it: then `found` means
-    nothing.
     """
     call = ToolCall(ctx)
     stored = await call.image(image)

@@ -21,7 +21,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel
 
-from mcp_server import image_io, model_scope, rendering
+from mcp_server import image_io, rendering
 from mcp_server.executor import JobCancelled, ModelNotReady, Overloaded
 from mcp_server.messages import (
     FoundObject,
@@ -60,7 +60,6 @@ class ToolCall:
         self.app: AppState = ctx.request_context.lifespan_context
         self.owner: Owner = session_owner(ctx)
         self.started = time.perf_counter()
-        self.warnings: list[str] = []
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -74,16 +73,12 @@ class ToolCall:
                     f"image id {image} not found: it expired or was never issued; "
                     "call the tool again with the image itself"
                 )
-        else:
-            try:
-                loaded = await anyio.to_thread.run_sync(image_io.load_image, image, self.app.policy)
-            except image_io.ImageInputError as error:
-                raise ToolError(str(error)) from None
-            stored = self.app.images.add(loaded, self.owner)
-        self.warnings = await anyio.to_thread.run_sync(
-            model_scope.image_warnings, self.app.model.name, stored.image.pixels
-        )
-        return stored
+            return stored
+        try:
+            loaded = await anyio.to_thread.run_sync(image_io.load_image, image, self.app.policy)
+        except image_io.ImageInputError as error:
+            raise ToolError(str(error)) from None
+        return self.app.images.add(loaded, self.owner)
 
     @staticmethod
     def stored_object(stored: StoredImage, object_id: str) -> StoredObject:
@@ -156,9 +151,8 @@ class ToolCall:
 
     def provenance(self) -> Provenance:
         return Provenance(
-            model=self.app.model_label(), scope=model_scope.scope_of(self.app.model.name), warnings=self.warnings,
-            elapsed_ms=round((time.perf_counter() - self.started) * 1000, 1),
-        )  # fmt: skip
+            model=self.app.model_label(), elapsed_ms=round((time.perf_counter() - self.started) * 1000, 1)
+        )
 
     def finish(
         self,

@@ -40,7 +40,6 @@ async def visual_qa(
 ) -> Annotated[CallToolResult, VisualQAResult]:
     """Answer a question about the image. With ground (default) the model also locates the objects its answer
     mentions: `evidence` lists them (id, phrase, box) and the answer marks them [o1], [o2]...
-    Check provenance.warnings: non-empty when the image is outside the model's scope (provenance.scope).
     """
     call = ToolCall(ctx)
     stored = await call.image(image)
