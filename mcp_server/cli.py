@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 
     from mcp_server.executor import Executor
+    from mcp_server.state import AppState
 
 
 log = logging.getLogger("nextchat_mcp")
@@ -44,6 +46,10 @@ ANSWER_GRACE_S = 5.0  # after the executor drained, how long the finished calls 
 # short quiet pause before it lets the last answers (and the "shutting down" errors of calls that came in meanwhile)
 # reach the client.
 ANSWER_FLUSH_S = 0.2
+# After --drain-timeout, the calls still in progress are failed (decode workers killed, model jobs stopped) and get this
+# long to write their answers; the process is gone by drain timeout + SHUTDOWN_MARGIN_S whatever still runs.
+LAST_ANSWERS_S = 0.5
+SHUTDOWN_MARGIN_S = 1.5
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -89,12 +95,11 @@ def serve(settings: Settings) -> int:
     from mcp_server.server import create_server
 
     server = create_server(settings)
-    executor: Executor = server.app.executor
     if settings.transport == "stdio":
-        return anyio.run(serve_stdio, server, executor, settings)
+        return anyio.run(serve_stdio, server, server.app, settings)
     if not is_loopback(settings.host) and not settings.token:
         raise SystemExit("refusing to serve HTTP on a non-loopback address without --token (or NEXTCHAT_TOKEN)")
-    return serve_http(server, executor, settings)
+    return serve_http(server, server.app, settings)
 
 
 def exit_soon(status: int, after_s: float = FATAL_EXIT_S) -> None:
@@ -108,6 +113,13 @@ def exit_soon(status: int, after_s: float = FATAL_EXIT_S) -> None:
     timer = threading.Timer(after_s, end)
     timer.daemon = True
     timer.start()
+
+
+def exit_now(signum: int) -> None:
+    """A second SIGTERM / SIGINT: end the process at once, with the shell's status for death by that signal."""
+    log.warning("%s again: exiting without waiting", signal.Signals(signum).name)
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 class ToolCallTracker:
@@ -184,8 +196,9 @@ class StdinRelay:
                 os.close(self._write_fd)
 
 
-async def serve_stdio(server: MCPServer, executor: Executor, settings: Settings) -> int:
+async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> int:
     """Serve over stdio until end of input, a drain after SIGTERM / SIGINT, or a device failure; the exit status."""
+    executor = app.executor
     tracker = ToolCallTracker()
     server.middleware.append(tracker)
     relay = StdinRelay()
@@ -199,20 +212,22 @@ async def serve_stdio(server: MCPServer, executor: Executor, settings: Settings)
     executor.on_fatal = on_fatal
 
     async def drain() -> None:
+        exit_soon(0, settings.drain_timeout_s + SHUTDOWN_MARGIN_S)  # whatever hangs, the process ends by then
         executor.begin_shutdown()
-        if not await executor.drain(settings.drain_timeout_s):
+        ends = time.monotonic() + settings.drain_timeout_s
+        drained = await executor.drain(settings.drain_timeout_s) and await tracker.wait_idle(ends - time.monotonic())
+        if not drained:
             log.warning("requests still running after %.0f s of draining are failed", settings.drain_timeout_s)
-            await anyio.to_thread.run_sync(executor.stop, 1.0)
-        await tracker.wait_idle(ANSWER_GRACE_S)
+            app.decoder.close()  # decodes in progress end now, with "shutting down"
+            await anyio.to_thread.run_sync(executor.stop, 0.5)
+        await tracker.wait_idle(LAST_ANSWERS_S if not drained else ANSWER_GRACE_S)
         relay.close()
 
     async def on_signals(task_group: anyio.abc.TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if executor.draining:
-                    log.warning("%s again: exiting without waiting", signal.Signals(signum).name)
-                    relay.close()
-                    continue
+                    exit_now(signum)
                 log.info("%s: finishing admitted requests, refusing new ones", signal.Signals(signum).name)
                 task_group.start_soon(drain)
 
@@ -235,28 +250,33 @@ async def serve_stdio(server: MCPServer, executor: Executor, settings: Settings)
     finally:
         sys.stdin = previous_stdin
         relay.close()
+    app.decoder.close()
     await anyio.to_thread.run_sync(executor.stop, 5.0)
     return status
 
 
-def serve_http(server: MCPServer, executor: Executor, settings: Settings) -> int:
+def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
     """Serve streamable HTTP until SIGTERM / SIGINT (drained by uvicorn) or a device failure; the exit status."""
     import uvicorn
 
+    executor: Executor = app.executor
+
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Calls on open connections get "shutting down"; uvicorn waits for the running ones. Unlike uvicorn's
-            # own handler this one does not re-raise the signal after the shutdown: a drained server exits with 0.
+            # Calls on open connections get "shutting down"; uvicorn waits for the running ones (cancelling them
+            # after --drain-timeout, which kills their decode workers). Unlike uvicorn's own handler this one does
+            # not re-raise the signal after the shutdown: a drained server exits with 0. A second signal ends it now.
+            if self.should_exit:
+                exit_now(sig)
             executor.begin_shutdown()
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
+            exit_soon(0, settings.drain_timeout_s + SHUTDOWN_MARGIN_S)
             self.should_exit = True
 
-    app: ASGIApp = server.streamable_http_app()  # type: ignore[assignment]
+    asgi: ASGIApp = server.streamable_http_app()  # type: ignore[assignment]
     if settings.token:
-        app = bearer_guard(app, settings.token)
+        asgi = bearer_guard(asgi, settings.token)
     config = uvicorn.Config(
-        app,
+        asgi,
         host=settings.host,
         port=settings.port,
         log_level="warning",
@@ -273,7 +293,8 @@ def serve_http(server: MCPServer, executor: Executor, settings: Settings) -> int
 
     executor.on_fatal = on_fatal
     http.run()
-    executor.stop(timeout_s=5.0)
+    app.decoder.close()
+    executor.stop(timeout_s=1.0)
     return status
 
 
@@ -291,6 +312,7 @@ async def call_tool(
             result = await client.call_tool(tool, arguments)
     finally:
         server.app.executor.stop()
+        server.app.decoder.close()
     text = "\n".join(getattr(block, "text", "") for block in result.content if getattr(block, "type", "") == "text")
     return result.structured_content, text, bool(result.is_error)
 

@@ -123,6 +123,9 @@ class Executor:
     Args:
         runner_factory: builds the runner (loads the model); called once, inside the worker thread.
         max_queue: jobs allowed to wait; one more is refused with :class:`Overloaded`.
+        max_queue_per_owner: jobs one owner (an HTTP session) may have submitted and unfinished; one more is refused
+            with :class:`Overloaded`, so one session cannot fill the queue for all. Jobs without an owner (stdio,
+            in-memory, stateless HTTP) only count against ``max_queue``. ``None``: no per-owner bound.
         max_active: jobs running at once (the batch size the runner sees).
         max_wait_ms: how long an idle worker waits for more jobs to start together.
         on_fatal: called (in the worker thread, with the error text) after a device failure has failed every job.
@@ -136,6 +139,7 @@ class Executor:
         runner_factory: Callable[[], Runner],
         *,
         max_queue: int = 64,
+        max_queue_per_owner: int | None = None,
         max_active: int = 16,
         max_wait_ms: float = 5.0,
         on_fatal: Callable[[str], None] | None = None,
@@ -145,6 +149,8 @@ class Executor:
     ) -> None:
         self._factory = runner_factory
         self.max_queue, self.max_active, self.max_wait_s = max_queue, max_active, max_wait_ms / 1000
+        self.max_queue_per_owner = max_queue_per_owner
+        self._per_owner: collections.Counter[str] = collections.Counter()  # unfinished jobs of each owner
         self.on_fatal = on_fatal
         self.max_oom_retries, self.oom_cooldown_steps = max_oom_retries, oom_cooldown_steps
         self._clock = clock
@@ -231,6 +237,7 @@ class Executor:
                 raise ModelNotReady(self.error or f"the model is {self.state}")
             if self._waiting >= self.max_queue:
                 raise Overloaded(retry_after_s=max(1.0, self._waiting * self.step_seconds))
+            self._check_owner_share(job)
             self._waiting += 1
             self._pending[job.id] = _Pending(job, future, loop)
             self._idle.clear()
@@ -241,6 +248,17 @@ class Executor:
             job.cancelled.set()
             self._inbox.put(None)  # wake the worker so the cancellation is seen at its next step
             raise
+
+    def _check_owner_share(self, job: Job) -> None:
+        """Count the job against its owner's share (under the lock); refuse it when the share is used up."""
+        if job.owner is None or self.max_queue_per_owner is None:
+            return
+        if self._per_owner[job.owner] >= self.max_queue_per_owner:
+            raise Overloaded(
+                max(1.0, self.max_queue_per_owner * self.step_seconds),
+                f"this session already has {self.max_queue_per_owner} requests in progress; wait for their answers",
+            )
+        self._per_owner[job.owner] += 1
 
     def begin_shutdown(self) -> None:
         """Refuse new jobs with :class:`ShuttingDown`; admitted ones (queued or running) still run."""
@@ -275,6 +293,10 @@ class Executor:
         with self._lock:
             item = self._pending.pop(job_id, None)
             self._active.pop(job_id, None)
+            if item is not None and item.job.owner is not None and self.max_queue_per_owner is not None:
+                self._per_owner[item.job.owner] -= 1
+                if self._per_owner[item.job.owner] <= 0:
+                    del self._per_owner[item.job.owner]
             if not self._pending:
                 self._idle.set()
         self._stopping.pop(job_id, None)
@@ -389,9 +411,10 @@ class Executor:
             self.error = message
             self.state = "failed"
         self._retry.clear()
-        self._resolve_all(lambda: DeviceFailed(message))
+        # on_fatal first: a caller woken by its failed job must find the server already told.
         if self.on_fatal is not None:
             self.on_fatal(message)
+        self._resolve_all(lambda: DeviceFailed(message))
 
     def _admit(self, runner: Runner, block: bool) -> None:
         """Move jobs to the runner (ones to start again first); when idle, wait for one, then ``max_wait_ms`` for

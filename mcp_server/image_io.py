@@ -17,7 +17,6 @@ import os
 import re
 import stat
 import struct
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageOps
 
+from mcp_server.image_structure import StructureError, check_structure
 from mcp_server.messages import DecodedImage
 from mcp_server.url_fetch import WEB_PORTS, AddressCheck, Resolver, UrlRejected, fetch_url
 
@@ -38,9 +38,6 @@ _ENABLE_LOCAL = "local files are disabled; start the server with --allow-dir DIR
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _BASE64_TEXT = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 _MIN_RAW_BASE64 = 64
-# warnings.catch_warnings swaps a process-wide filter list; overlapping uses from the server's worker threads could
-# restore each other's state and leave "ignore everything" installed for good, so decodes take turns.
-_WARNINGS_LOCK = threading.Lock()
 # Exceptions Pillow raises on malformed input (headers, chunks, truncated streams); anything else is a real bug.
 _DECODE_ERRORS = (
     OSError,
@@ -133,8 +130,30 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)
 
 
+def _check_size(size: tuple[int, int], policy: ImagePolicy) -> None:
+    """Refuse, from the header, sizes over the policy's caps or Pillow's own pixel limit, and degenerate ones."""
+    width, height = size
+    limit = min(policy.max_pixels, Image.MAX_IMAGE_PIXELS or policy.max_pixels)
+    if width * height > limit:
+        raise ImageInputError(
+            f"image has {width}×{height} pixels, more than the {limit} allowed; pass a downscaled image"
+        )
+    if max(width, height) > policy.max_side:
+        raise ImageInputError(
+            f"image is {width}×{height}, a side is longer than {policy.max_side}; pass a downscaled image"
+        )
+    if min(width, height) < policy.min_side:
+        raise ImageInputError(
+            f"image is {width}×{height}, a side is shorter than {policy.min_side}; pass a larger image"
+        )
+
+
 def decode_image(data: bytes, policy: ImagePolicy, source: str) -> DecodedImage:
     """Check and decode image bytes that already passed the byte cap.
+
+    Runs wherever it is called, with no time limit and no lock: the server calls it only in its decode worker
+    processes (:mod:`mcp_server.decode_pool`), each decoding one image at a time. ``warnings.catch_warnings`` swaps
+    process-wide filters, so this function must not run in two threads of one process at once.
 
     Args:
         data: The original bytes.
@@ -155,25 +174,16 @@ def decode_image(data: bytes, policy: ImagePolicy, source: str) -> DecodedImage:
     if fmt is None:
         raise ImageInputError(f"image format is not supported; pass a {_FORMAT_LIST} image")
     try:
-        with _WARNINGS_LOCK, warnings.catch_warnings():
+        check_structure(data, fmt)
+    except StructureError as error:
+        raise ImageInputError(str(error)) from None
+    try:
+        with warnings.catch_warnings():
             # Pillow's other warnings are not actionable for the caller; a bomb warning must stop the decode.
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[fmt]) as image:
-                width, height = image.size
-                if width * height > policy.max_pixels:
-                    raise ImageInputError(
-                        f"image has {width}×{height} pixels, more than the {policy.max_pixels} allowed; "
-                        "pass a downscaled image"
-                    )
-                if max(width, height) > policy.max_side:
-                    raise ImageInputError(
-                        f"image is {width}×{height}, a side is longer than {policy.max_side}; pass a downscaled image"
-                    )
-                if min(width, height) < policy.min_side:
-                    raise ImageInputError(
-                        f"image is {width}×{height}, a side is shorter than {policy.min_side}; pass a larger image"
-                    )
+                _check_size(image.size, policy)
                 image.seek(0)  # GIF/WebP/APNG: the first frame only
                 image.load()
                 oriented = ImageOps.exif_transpose(image)

@@ -63,10 +63,13 @@ class _JobBase:
         deadline: ``time.monotonic()`` after which the job is dropped instead of run (``None``: no deadline).
         id: unique, assigned at creation; outcomes are matched to jobs by it.
         cancelled: set by the caller; a queued job then never runs, a running one stops at the next step.
+        owner: who asked (the HTTP session; ``None`` for stdio, in-memory and stateless callers): the executor
+            bounds each owner's share of the queue, and the runner shares cached encodings only within one owner.
     """
 
     image: DecodedImage
     deadline: float | None = None
+    owner: str | None = None
     id: int = field(default_factory=lambda: next(_job_ids))
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 

@@ -1,7 +1,8 @@
 """The model side of the executor: NExT-Chat jobs on :class:`nextchat.NextChatEngine` (the only torch user here).
 
 Imported only inside the worker thread (by the default runner factory), so the protocol layer, ``--help`` and schema
-generation never load torch. Vision features and SAM embeddings are cached by image content in byte-bounded LRUs, so
+generation never load torch. Vision features and SAM embeddings are cached by owner and image content in byte-bounded
+LRUs, so
 ``locate → segment → describe`` on one image encodes it once, and SAM's encoder runs only when a mask is asked for.
 Images that jobs starting in the same step need are encoded together, a chunk at a time (one tower or encoder pass).
 
@@ -38,8 +39,9 @@ from mcp_server.messages import (
     StepOutOfMemory,
 )
 from nextchat.decode_graphs import DecodeMode
+from nextchat.devices import LARGE_LLM_PARAMETERS
 from nextchat.engine import EncodedImage, GenerationRequest, GenerationResult, SamImage
-from nextchat.loading import load_model
+from nextchat.loading import llm_parameter_count, load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import GroundedObject, NextChatPipeline
 from nextchat.processing import ImageGeometry
@@ -117,24 +119,34 @@ def _sam_bytes(image: SamImage) -> int:
     return image.embeddings.numel() * image.embeddings.element_size()
 
 
+def cache_key(job: Job) -> str:
+    """What the runner caches a job's image encodings under: its owner and the image's content.
+
+    Shared across owners, a cache hit would be a timing signal: a session could tell, from how fast its answer
+    came, that another session had recently sent the same bytes. Keyed by owner, the same image sent by two HTTP
+    sessions is encoded once for each (see ``docs/reliability.md`` for the cost).
+    """
+    return f"{job.owner or ''}/{job.image.sha256}"
+
+
 def encode_cached(
-    images: list[DecodedImage],
+    images: list[tuple[str, DecodedImage]],
     cache: TensorLRU[V],
     encode: Callable[[list[np.ndarray]], list[V]],
     nbytes: Callable[[V], int],
 ) -> dict[str, V]:
-    """Each distinct image's encoding by content (its sha256): from ``cache``, or encoded together with the other
-    misses (``ENCODE_CHUNK`` images a pass) and then cached."""
+    """Each distinct image's encoding by its key (:func:`cache_key`): from ``cache``, or encoded together with the
+    other misses (``ENCODE_CHUNK`` images a pass) and then cached."""
     found: dict[str, V] = {}
     missing: dict[str, np.ndarray] = {}
-    for image in images:
-        if image.sha256 in found or image.sha256 in missing:
+    for key, image in images:
+        if key in found or key in missing:
             continue
-        cached = cache.get(image.sha256)
+        cached = cache.get(key)
         if cached is None:
-            missing[image.sha256] = image.pixels
+            missing[key] = image.pixels
         else:
-            found[image.sha256] = cached
+            found[key] = cached
     keys = list(missing)
     for start in range(0, len(keys), ENCODE_CHUNK):
         chunk = keys[start : start + ENCODE_CHUNK]
@@ -203,6 +215,7 @@ class NextChatRunner:
         device: str = "auto",
         dtype: str = "auto",
         *,
+        quantize: str = "none",
         cache_bytes: int = 512 << 20,
         fixed_new_tokens: int | None = None,
         cpu_threads: int | None = None,
@@ -215,7 +228,13 @@ class NextChatRunner:
         parallel op waits for the core the event loop holds (on two cores: 16 against 29 requests/s, see
         ``benchmarks/NOTES.md``).
         """
-        net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        net, tokenizer, _ = load_model(model, device=device, dtype=dtype, quantize=quantize)
+        if net.device.type == "cpu" and llm_parameter_count(net.config) > LARGE_LLM_PARAMETERS:
+            log.warning(
+                "running a %s-parameter language model on the CPU: expect seconds per generated token and minutes "
+                "per image; it needs a GPU or Apple silicon to be interactive",
+                f"{llm_parameter_count(net.config) / 1e9:.1f} B",
+            )
         if net.device.type == "cpu":
             torch.set_num_threads(cpu_threads or default_cpu_threads())
         return cls(net, tokenizer, cache_bytes=cache_bytes, fixed_new_tokens=fixed_new_tokens, cuda_graphs=cuda_graphs)
@@ -304,21 +323,25 @@ class NextChatRunner:
     def _start(self, starting: list[_Starting]) -> None:
         """Fill in the jobs' image features (new images encoded together) and put the requests on the engine."""
         images = encode_cached(
-            [item.job.image for item in starting], self.features, self.engine.encode_images, _feature_bytes
+            [(cache_key(item.job), item.job.image) for item in starting],
+            self.features,
+            self.engine.encode_images,
+            _feature_bytes,
         )
         for item in starting:
-            item.request.image = images[item.job.image.sha256]
+            item.request.image = images[cache_key(item.job)]
             self.engine.submit(item.request)
             self._jobs[item.job.id] = item.job
 
     def _sam_images(self, jobs: list[MaskJob]) -> dict[str, SamImage]:
         """The SAM embeddings of the jobs' images: cached ones, the others encoded together."""
-        return encode_cached([job.image for job in jobs], self.sam_images, self.engine.encode_sam_images, _sam_bytes)
+        keyed = [(cache_key(job), job.image) for job in jobs]
+        return encode_cached(keyed, self.sam_images, self.engine.encode_sam_images, _sam_bytes)
 
     @torch.inference_mode()
     def _run_masks(self, jobs: list[MaskJob]) -> list[tuple[int, Outcome | BaseException]]:
         images = self._sam_images(jobs)
-        return [(job.id, self._masks_for(job, images[job.image.sha256])) for job in jobs]
+        return [(job.id, self._masks_for(job, images[cache_key(job)])) for job in jobs]
 
     def _masks_for(self, job: MaskJob, sam_image: SamImage) -> MaskOutcome:
         states: list[torch.Tensor] = []

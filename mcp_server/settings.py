@@ -75,13 +75,29 @@ class Settings(BaseSettings):
         Field(min_length=1),
     ] = "demo"
     device: Annotated[
-        str, Option("--device", SERVE_AND_CALL, "auto (cuda, mps, cpu), cpu, cuda, cuda:1"), Field(min_length=1)
+        str,
+        Option("--device", SERVE_AND_CALL, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps"),
+        Field(min_length=1),
     ] = "auto"
     dtype: Annotated[
         str,
-        Option("--dtype", SERVE_AND_CALL, "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16"),
+        Option(
+            "--dtype",
+            SERVE_AND_CALL,
+            "auto (bf16 on CUDA, fp16 on MPS; on a CPU bf16 for a 7B-sized LLM, fp32 for small models and, without "
+            "bf16 instructions, for the vision tower, SAM and heads), float32, bfloat16, float16",
+        ),
         Field(min_length=1),
     ] = "auto"
+    quantize: Annotated[
+        Literal["none", "int8", "nf4"],
+        Option(
+            "--quantize",
+            SERVE_AND_CALL,
+            "the language model's layer weights: none (16-bit), int8 (CPU or CUDA; half the bytes), nf4 (CUDA "
+            "only, needs the quantize extra)",
+        ),
+    ] = "none"
     allow_dirs: Annotated[
         tuple[Path, ...],
         Option(
@@ -125,6 +141,26 @@ class Settings(BaseSettings):
         Field(ge=0),
     ] = 20.0
     handle_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    decode_workers: Annotated[
+        int,
+        Option(
+            "--decode-workers",
+            SERVE_AND_CALL,
+            "processes that decode images, each under CPU-time and memory limits and killed at the call's deadline",
+            metavar="N",
+        ),
+        Field(ge=1, le=64),
+    ] = 2
+    decode_memory_mib: Annotated[
+        int,
+        Option(
+            "--decode-memory-mib",
+            SERVE_AND_CALL,
+            "memory (MiB) one decode worker may map beyond its start-up size; an image needing more is refused",
+            metavar="MIB",
+        ),
+        Field(ge=64),
+    ] = 2048
     drain_timeout_s: Annotated[
         float,
         Option("--drain-timeout", SERVE, "on SIGTERM, seconds admitted requests get to finish before the server exits"),

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 from mcp.server.connection import Connection
 from mcp.server.mcpserver import Context
 
+from mcp_server.decode_pool import DecodePool
 from mcp_server.executor import Executor, Runner
 from mcp_server.image_io import ImagePolicy
 from mcp_server.settings import Settings
@@ -22,6 +24,8 @@ from mcp_server.stores import BoundedStore, ImageHandles, ImageStore, Owner, Pic
 
 MAX_MASKS, MAX_MASK_BYTES = 4096, 512 << 20
 MAX_OVERLAYS, MAX_OVERLAY_BYTES = 256, 128 << 20
+READER_THREADS = 16  # image reads and URL fetches in flight; their threads are apart from the shared pool
+SESSION_QUEUE_SHARE = 4  # over HTTP, one session may hold at most 1/4 of the queue's places
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ def default_runner_factory(settings: Settings) -> Callable[[], Runner]:
             settings.model,
             settings.device,
             settings.dtype,
+            quantize=settings.quantize,
             fixed_new_tokens=settings.fixed_new_tokens,
             cpu_threads=settings.cpu_threads,
             cuda_graphs=settings.cuda_graphs,
@@ -83,7 +88,9 @@ class AppState:
     overlays: PictureHandles
     policy: ImagePolicy
     model: PublicModelName
+    decoder: DecodePool
     started: bool = field(default=False, init=False)
+    _readers: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def create(cls, settings: Settings, runner_factory: Callable[[], Runner] | None = None) -> AppState:
@@ -92,6 +99,7 @@ class AppState:
             max_queue=settings.max_queue,
             max_active=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
+            max_queue_per_owner=max(1, settings.max_queue // SESSION_QUEUE_SHARE),
         )
         return cls(
             settings=settings,
@@ -103,6 +111,7 @@ class AppState:
                 allowed_dirs=settings.allow_dirs, allow_urls=settings.allow_urls, allow_http=settings.allow_http
             ),
             model=PublicModelName.of(settings.model),
+            decoder=DecodePool(settings.decode_workers, settings.decode_memory_mib << 20),
         )
 
     def start(self) -> None:
@@ -110,6 +119,13 @@ class AppState:
         if not self.started:
             self.started = True
             self.executor.start()
+
+    def reader_limiter(self) -> anyio.CapacityLimiter:
+        """The threads that read image files and fetch URLs (made in the event loop, at first use): slow fetches
+        wait among themselves, never in the thread pool that the SDK runs synchronous handlers in."""
+        if self._readers is None:
+            self._readers = anyio.CapacityLimiter(READER_THREADS)
+        return self._readers
 
     def model_label(self) -> str:
         """The model as results name it: the public name, plus the checkpoint's own name when it differs."""

@@ -311,6 +311,17 @@ def build_nextchat_7b_336() -> NextChatConfig:
     return NextChatConfig(text=text, vision=clip_vit_large_336_vision(), sam=SamConfig(), name="nextchat-7b-336")
 
 
+def build_bench_mid(vocab_size: int = 1005) -> NextChatConfig:
+    """A mid-size random-weight model for testing the full-size benchmark: the 7B's structure and prompt length (CLIP
+    at 336 px / 14 → 576 image tokens, SAM at 1024 px with windowed and global blocks), ~30 M parameters."""
+    text = llama_text(vocab_size, 512, 1376, 4, 8, 2048)
+    vision = {**clip_vit_large_336_vision(), "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "projection_dim": 128}  # fmt: skip
+    vision.pop("_name_or_path")
+    sam = SamConfig(encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3))
+    return NextChatConfig(text=text, vision=vision, sam=sam, mm_hidden_size=128, name="bench-mid")
+
+
 def build_tiny(vocab_size: int = 128) -> NextChatConfig:
     """A tiny random-weight model for tests and the random-weight smoke demo (builds in milliseconds).
 
@@ -401,6 +412,7 @@ def build_demo_shapes(vocab_size: int = 645) -> NextChatConfig:
 PRESETS: dict[str, Callable[[], NextChatConfig]] = {
     "nextchat-7b-336": build_nextchat_7b_336,
     "tiny": build_tiny,
+    "bench-mid": build_bench_mid,
     "demo-shapes": build_demo_shapes,
 }
 

@@ -9,24 +9,33 @@ which are this package's attribute names; the keys some checkpoint eras add are 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaModel
 
 from nextchat.configuration import OFFICIAL_CLIP_TOWER, NextChatConfig, SamConfig
+from nextchat.devices import Precision, plan_precision, resolve_device, slow_device_warning
+from nextchat.devices import resolve_dtype as resolve_dtype  # re-exported: callers resolve dtypes here too
 from nextchat.modeling_nextchat import NextChatModel
+from nextchat.quantization import check_mode
+from nextchat.streaming import Source, Target, fill, parameters_on_meta, release_pages
 from nextchat.tokenization import NextChatTokenizer
 
 
 # Keys a checkpoint may carry that hold no learned state here: transformers 4.31 saved LLaMA's rotary inv_freq
 # (recomputed from the config now) and some CLIP versions saved their position-id buffer.
+log = logging.getLogger(__name__)
+
 IGNORED_KEYS = (
     re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     re.compile(r"^model\.vision_tower\.vision_model\.embeddings\.position_ids$"),
@@ -56,31 +65,7 @@ class LoadReport:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Devices and dtypes
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and float32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return names[dtype]
+# Building
 
 
 @contextmanager
@@ -94,16 +79,51 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(
-    config: NextChatConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    config: NextChatConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    precision: Precision | None = None,
 ) -> NextChatModel:
     """Construct a model directly on ``device`` in ``dtype`` (``meta`` builds shapes without memory).
 
-    SAM's prompt encoder is kept in float32 (see :class:`~nextchat.modeling_nextchat.SamHead`).
+    ``precision`` gives each part its own dtype instead (see :mod:`nextchat.devices`). SAM's prompt encoder is
+    kept in float32 (see :class:`~nextchat.modeling_nextchat.SamHead`).
     """
-    with torch.device(device), _default_dtype(dtype):
+    precision = precision or Precision.uniform(dtype)
+    with torch.device(device), _default_dtype(precision.llm):
         model = NextChatModel(config)
+    return apply_precision(model, precision).eval()
+
+
+def build_empty(config: NextChatConfig, precision: Precision) -> NextChatModel:
+    """The model with its parameters on ``meta`` (no memory, no initialisation) and its buffers computed on the
+    CPU as a normal build computes them; :func:`nextchat.streaming.fill` gives the parameters their values."""
+    with parameters_on_meta(), _default_dtype(precision.llm):
+        model = NextChatModel(config)
+    return apply_precision(model, precision).eval()
+
+
+def llm_parameter_count(config: NextChatConfig) -> int:
+    """Parameters of the language model alone (layers, embeddings, norm, lm_head), counted on ``meta``."""
+    with torch.device("meta"):
+        llm = LlamaModel(LlamaConfig(**config.text))
+    return sum(p.numel() for p in llm.parameters()) + config.vocab_size * config.hidden_size
+
+
+def apply_precision(model: NextChatModel, precision: Precision) -> NextChatModel:
+    """Cast the parts whose dtype differs from the LLM's (a no-op for a uniform precision)."""
+    parts = {
+        precision.vision: (model.model.vision_tower, model.model.mm_projector),
+        precision.heads: (model.loc_encoder, model.loc_decoder, model.seg_prompt_mlp),
+        precision.sam: (model.sam,),
+    }
+    for dtype, modules in parts.items():
+        if dtype != precision.llm:
+            for module in modules:
+                module.to(dtype)
     model.sam.model.prompt_encoder.float()
-    return model.eval()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,21 +180,31 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} holds no weights (model.safetensors or pytorch_model*.bin)")
 
 
+def _load_pickle(file: Path, map_location: str) -> dict[str, torch.Tensor]:
+    try:
+        part = torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointError(f"{file.name} is not a plain tensor checkpoint: {error}") from error
+    return part.get("state_dict", part) if isinstance(part, dict) else {}
+
+
+def tensors_of(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weight file in file order: safetensors, or a pickle read memory-mapped through
+    ``weights_only`` (no code runs). Each is handed out once and not kept: the mapping goes with the last one."""
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield key, f.get_tensor(key)
+        return
+    state = _load_pickle(file, "cpu")
+    while state:
+        key = next(iter(state))
+        yield key, state.pop(key)
+
+
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors or pickle shards. Pickles only through ``weights_only`` (no code runs), mmap'd."""
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    state[key] = f.get_tensor(key)
-        else:
-            try:
-                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:
-                raise CheckpointError(f"{file.name} is not a plain tensor checkpoint: {error}") from error
-            state.update(part.get("state_dict", part) if isinstance(part, dict) else {})
-    return state
+    """Tensors from safetensors or pickle shards (see :func:`tensors_of`)."""
+    return {key: tensor for file in files for key, tensor in tensors_of(file)}
 
 
 def read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -186,8 +216,7 @@ def read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
                 for key in f.keys():  # noqa: SIM118
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         else:
-            part = torch.load(file, map_location="meta", weights_only=True, mmap=True)
-            shapes.update({k: tuple(v.shape) for k, v in part.items()})
+            shapes.update({k: tuple(v.shape) for k, v in _load_pickle(file, "meta").items()})
     return shapes
 
 
@@ -235,20 +264,24 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     *,
+    quantize: str = "none",
     sam_checkpoint: str | Path | None = None,
     sam: SamConfig | None = None,
     strict: bool = True,
 ) -> tuple[NextChatModel, NextChatTokenizer, LoadReport]:
-    """Load a NExT-Chat checkpoint.
+    """Load a NExT-Chat checkpoint, shard by shard, without initialising the model first.
 
     Args:
         path_or_id: a checkpoint directory, ``"demo"`` (the embedded shapes-world model) or a hub id such as
             ``AoZhang/nextchat-7b-336``.
         device: ``auto`` (cuda, then mps, then cpu) or a torch device.
-        dtype: ``auto`` (bfloat16 on CUDA, float32 elsewhere) or a dtype name.
+        dtype: ``auto`` or a dtype name. ``auto`` is bfloat16 on CUDA, float16 on MPS; on a CPU see
+            :func:`nextchat.devices.plan_precision` (16-bit for a 7B-sized LLM, float32 for small models and, without
+            bfloat16 instructions, for the vision tower, SAM and heads).
+        quantize: ``none``, ``int8`` (CPU or CUDA) or ``nf4`` (CUDA): the LLM's layer linears only.
         sam_checkpoint: ``sam_vit_h_4b8939.pth`` for checkpoints that carry no ``sam.model.*`` weights.
         sam: SAM sizes, when neither the config nor the weights give them.
-        strict: raise :class:`CheckpointError` on any missing or unexpected key.
+        strict: raise :class:`CheckpointError` on any missing or unexpected key (before any weight is read).
 
     Returns:
         The model (eval mode), its tokenizer and the report of what was loaded from where.
@@ -261,26 +294,51 @@ def load_model(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {config.vocab_size}"
         )
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    model = build_model(config, torch_device, torch_dtype)
+    check_mode(quantize, torch_device)
+    llm_parameters = llm_parameter_count(config)
+    if (warning := slow_device_warning(torch_device, llm_parameters)) is not None:
+        log.warning(warning)
+    precision = plan_precision(dtype, torch_device, llm_parameters)
+    model = build_empty(config, precision)
 
     report = LoadReport(sources={"checkpoint": str(directory)})
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in read_state_dict(_weight_files(directory)).items():
-        if any(p.search(key) for p in IGNORED_KEYS):
-            report.ignored.append(key)
-        else:
-            state[key] = tensor
-    if not any(k.startswith(CLIP_PREFIX) for k in state):
+    files = _weight_files(directory)
+    shapes = {k: v for k, v in read_shapes(files).items() if not _ignored(k, report)}
+    sources: list[Source] = [(tensors_of(f), partial(release_pages, f)) for f in files]
+    if not any(k.startswith(CLIP_PREFIX) for k in shapes):
         clip_state, report.sources["vision_tower"] = _vision_tower_weights(config)
-        state.update(clip_state)
-    if not any(k.startswith(SAM_PREFIX) for k in state) and sam_checkpoint is not None:
-        state.update(_sam_weights(sam_checkpoint))
+        shapes.update({k: tuple(v.shape) for k, v in clip_state.items()})
+        sources.append((clip_state.items(), clip_state.clear))
+    if not any(k.startswith(SAM_PREFIX) for k in shapes) and sam_checkpoint is not None:
+        sam_state = _sam_weights(sam_checkpoint)
+        shapes.update({k: tuple(v.shape) for k, v in sam_state.items()})
+        sources.append((sam_state.items(), sam_state.clear))
         report.sources["sam"] = str(sam_checkpoint)
 
-    expected = model.state_dict()
-    report.unexpected = sorted(k for k in state if k not in expected)
-    report.missing = sorted(k for k in expected if k not in state)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(directory, shapes, expected, report, strict)
+    fill(model, sources, Target(torch_device, precision, quantize), accept=expected.__contains__)
+    return model, tokenizer, report
+
+
+def _ignored(key: str, report: LoadReport) -> bool:
+    if any(p.search(key) for p in IGNORED_KEYS):
+        report.ignored.append(key)
+        return True
+    return False
+
+
+def _check_keys(
+    directory: Path,
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    report: LoadReport,
+    strict: bool,
+) -> None:
+    """Fill the report's missing and unexpected keys; refuse (strict) before any weight is read, and refuse a
+    shape that differs from the model's in any case."""
+    report.unexpected = sorted(k for k in shapes if k not in expected)
+    report.missing = sorted(k for k in expected if k not in shapes)
     if strict and not report.ok:
         hint = (
             " (pass sam_checkpoint=sam_vit_h_4b8939.pth)"
@@ -291,16 +349,9 @@ def load_model(
             f"{directory}: {len(report.missing)} missing keys {report.missing[:5]}, "
             f"{len(report.unexpected)} unexpected keys {report.unexpected[:5]}{hint}"
         )
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if key in expected:
-                target = expected[key]
-                if target.shape != tensor.shape:
-                    raise CheckpointError(
-                        f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}"
-                    )
-                target.copy_(tensor)
-    return model, tokenizer, report
+    for key, shape in shapes.items():
+        if key in expected and expected[key] != shape:
+            raise CheckpointError(f"{key}: checkpoint shape {shape} != model {expected[key]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,9 +385,17 @@ def save_pretrained(
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     else:
         torch.save(state, directory / "pytorch_model.bin")
-    config = model.config.to_checkpoint_dict()
-    config["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_config_files(model.config, tokenizer, directory, dtype or model.dtype)
+    return directory
+
+
+def write_config_files(
+    config: NextChatConfig, tokenizer: NextChatTokenizer, directory: Path, dtype: torch.dtype
+) -> None:
+    """config.json (official layout), generation_config.json and the tokenizer files of a checkpoint directory."""
+    raw = config.to_checkpoint_dict()
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
     generation: Mapping[str, Any] = {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
@@ -344,4 +403,3 @@ def save_pretrained(
     }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tokenizer.save_pretrained(directory)
-    return directory

@@ -48,6 +48,11 @@ def mlp(*widths: int, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first parameter: parts of the model may differ (see :mod:`nextchat.devices`)."""
+    return next(module.parameters()).dtype
+
+
 def build_sam(config: SamConfig) -> Sam:
     """segment-anything's ``Sam`` at the given sizes (as its ``_build_sam``, with every size a parameter)."""
     grid = config.embedding_size
@@ -234,7 +239,7 @@ class NextChatModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision-tower input ``[B, 3, s, s]`` → projected image features ``[B, N, hidden]`` (N = image_token_len)."""
         features = self.model.vision_tower(pixel_values)
-        return self.model.mm_projector(features.to(self.dtype))
+        return self.model.mm_projector(features.to(parameter_dtype(self.model.mm_projector)))
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[...]`` → embeddings ``[..., hidden]``."""
@@ -284,15 +289,15 @@ class NextChatModel(nn.Module):
 
     def encode_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """Square-frame xyxy ``[K, 4]`` → ``<boxes>`` input embeddings ``[K, hidden]``."""
-        return self.loc_encoder(boxes.to(device=self.device, dtype=self.dtype))
+        return self.loc_encoder(boxes.to(device=self.device, dtype=parameter_dtype(self.loc_encoder)))
 
     def decode_boxes(self, at_hidden: torch.Tensor) -> torch.Tensor:
         """Final-norm ``<at>`` states ``[K, hidden]`` → square-frame xyxy ``[K, 4]`` (raw: no sigmoid, no clamp)."""
-        return self.loc_decoder(at_hidden)
+        return self.loc_decoder(at_hidden.to(parameter_dtype(self.loc_decoder)))
 
     def box_feedback(self, at_hidden: torch.Tensor) -> torch.Tensor:
         """Input embedding of the token after ``<at>``: ``loc_encoder(loc_decoder(h_at))`` ``[K, hidden]``."""
-        return self.loc_encoder(self.loc_decoder(at_hidden))
+        return self.encode_boxes(self.decode_boxes(at_hidden)).to(self.dtype)
 
     # ------------------------------------------------------------------------------------------------------------
     # LLM
@@ -393,6 +398,7 @@ class NextChatModel(nn.Module):
         Returns:
             low-resolution logits ``[N, 1, 4g, 4g]`` and predicted IoU ``[N]``, float32.
         """
-        prompt_tokens = self.seg_prompt_mlp(at_hidden.to(self.dtype)).view(at_hidden.shape[0], SEG_PROMPT_TOKENS, -1)
+        prompt_tokens = self.seg_prompt_mlp(at_hidden.to(parameter_dtype(self.seg_prompt_mlp)))
+        prompt_tokens = prompt_tokens.view(at_hidden.shape[0], SEG_PROMPT_TOKENS, -1)
         sam_boxes = boxes.float() * self.config.sam.image_size
         return self.sam.decode_masks(image_embeddings, prompt_tokens, sam_boxes)

@@ -71,3 +71,13 @@ def blank_bilevel_png(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"".join(parts)) + png_chunk(b"IEND", b"")
     )
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A run-length BMP that Pillow decodes in Python, one pair of bytes at a time: seconds of CPU, no cap met."""
+    payload = b"\x01\x07" * (width * height)
+    palette = bytes(range(256)) * 4
+    offset = 14 + 40 + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(payload), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(payload), 2835, 2835, 256, 0)
+    return header + info + palette + payload

@@ -53,13 +53,26 @@ class ToolSpec:
 
 
 class ToolCall:
-    """One tool call in progress: its shared state, the caller (owner of the handles it makes) and its start time."""
+    """One tool call in progress: its shared state, the caller (owner of the handles it makes), its start time and
+    its deadline.
+
+    The deadline (``--timeout`` from the call's arrival) covers every step: reading or fetching the image, decoding
+    it, waiting in the queue, the model, and the answer. Cancelling the call stops whichever step it is in.
+    """
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.app: AppState = ctx.request_context.lifespan_context
         self.owner: Owner = session_owner(ctx)
         self.started = time.perf_counter()
+        self.deadline = time.monotonic() + self.app.settings.request_timeout_s
+
+    def remaining_s(self) -> float:
+        """Seconds left before the deadline (0 once passed)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self) -> ToolError:
+        return ToolError(f"the request took over {self.app.settings.request_timeout_s:.0f} s and was dropped; retry")
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -74,8 +87,20 @@ class ToolCall:
                     "call the tool again with the image itself"
                 )
             return stored
+        if self.app.executor.draining:  # no new decode for a call the model would refuse anyway
+            raise ToolError("the server is shutting down and takes no new requests; retry shortly")
         try:
-            loaded = await anyio.to_thread.run_sync(image_io.load_image, image, self.app.policy)
+            with anyio.fail_after(self.remaining_s()):
+                data, source = await anyio.to_thread.run_sync(
+                    image_io.image_bytes, image, self.app.policy, limiter=self.app.reader_limiter(),
+                    abandon_on_cancel=True,
+                )  # fmt: skip
+        except TimeoutError:
+            raise self.timed_out() from None
+        except image_io.ImageInputError as error:
+            raise ToolError(str(error)) from None
+        try:
+            loaded = await self.app.decoder.decode(data, self.app.policy, source, self.deadline)
         except image_io.ImageInputError as error:
             raise ToolError(str(error)) from None
         return self.app.images.add(loaded, self.owner)
@@ -106,33 +131,38 @@ class ToolCall:
 
     async def generate(self, stored: StoredImage, prompt: TaskPrompt, max_new_tokens: int = 64) -> GenerationOutcome:
         """The model's answer to a task prompt about the image."""
-        job = GenerationJob(image=stored.image, prompt=prompt, max_new_tokens=max_new_tokens)
+        job = GenerationJob(image=stored.image, prompt=prompt, max_new_tokens=max_new_tokens, owner=self.owner)
         return await self._run(self.app.executor.generate, job)
 
     async def segment(self, stored: StoredImage, prompt: MaskPrompt) -> MaskOutcome:
         """A mask on the image for a located object or a given box."""
-        return await self._run(self.app.executor.segment, MaskJob(image=stored.image, prompts=(prompt,)))
+        job = MaskJob(image=stored.image, prompts=(prompt,), owner=self.owner)
+        return await self._run(self.app.executor.segment, job)
 
     async def _run(self, submit: Callable[[Any], Awaitable[OutcomeT]], job: GenerationJob | MaskJob) -> OutcomeT:
         await self._model_ready()
-        timeout_s = self.app.settings.request_timeout_s
-        job.deadline = time.monotonic() + timeout_s
+        job.deadline = self.deadline
         try:
-            with anyio.fail_after(timeout_s):
+            with anyio.fail_after(self.remaining_s()):
                 return await submit(job)
         except TimeoutError:
-            raise ToolError(f"the request took over {timeout_s:.0f} s and was dropped; retry") from None
+            raise self.timed_out() from None
         except (Overloaded, JobCancelled, ModelNotReady, ValueError) as error:
             raise ToolError(str(error)) from None
 
     async def _model_ready(self) -> None:
-        """Wait (reporting progress) while the model loads, up to the server's ready wait."""
+        """Wait (reporting progress) while the model loads, up to the server's ready wait.
+
+        That wait is bounded by ``--ready-wait``, not ``--timeout``: the call's deadline moves on by the time spent
+        here, so a call that arrived during a slow load still gets its full ``--timeout`` for the model's work.
+        """
         executor, wait_s = self.app.executor, self.app.settings.ready_wait_s
-        waited = 0.0
+        waited, started = 0.0, time.monotonic()
         while waited < wait_s and executor.state in ("starting", "loading"):
             await self.ctx.report_progress(waited, wait_s, "loading the model")
             await executor.wait_ready(1.0)
             waited += 1.0
+        self.deadline += time.monotonic() - started
         if executor.state == "failed":
             raise ToolError(f"{self.app.public_error()}; check the server's --model and its log")
         if executor.state != "ready":

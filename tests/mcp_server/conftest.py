@@ -41,6 +41,7 @@ def demo_server(image_dir: Path):
     server = create_server(Settings(model="demo", device="cpu", allow_dirs=(image_dir,)))
     yield server
     server.app.executor.stop()
+    server.app.decoder.close()
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +50,7 @@ def tiny_server(image_dir: Path, tiny_checkpoint: Path):
     server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(image_dir,)))
     yield server
     server.app.executor.stop()
+    server.app.decoder.close()
 
 
 @pytest.fixture

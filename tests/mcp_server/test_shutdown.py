@@ -4,17 +4,19 @@ new ones are told the server is shutting down) and exits 0; end of stdin exits 0
 Raw JSON-RPC lines rather than the SDK client, so the test decides exactly when the signal and each call go out.
 """
 
+import base64
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
-from support import make_image, png_data_uri
+from support import make_image, png_data_uri, rle8_bmp
 
 
 pytestmark = pytest.mark.anyio
@@ -151,7 +153,7 @@ class BrokenDevice:
 
 
 server = create_server(Settings(), runner_factory=BrokenDevice)
-sys.exit(anyio.run(serve_stdio, server, server.app.executor, Settings()))
+sys.exit(anyio.run(serve_stdio, server, server.app, Settings()))
 """
 
 
@@ -167,3 +169,43 @@ async def test_a_device_failure_fails_the_call_in_flight_and_exits_non_zero() ->
         while await session.read() is not None:  # the server leaves although the client keeps stdin open
             pass
         assert await process.wait() == EXIT_DEVICE_FAILURE
+
+
+def slow_image_uri() -> str:
+    """A run-length BMP (data URI) whose decode takes seconds of CPU in a decode worker, under every cap."""
+    return "data:image/bmp;base64," + base64.b64encode(rle8_bmp(3000, 2000)).decode()
+
+
+async def decoding(drain_timeout: int) -> tuple[Process, RawSession]:
+    """Start the demo server, send it a slow decode (call 1) and wait until it has taken it: a status call sent after
+    it is answered (quickly: status waits for no decode)."""
+    process = await start(Path("demo"), "--drain-timeout", str(drain_timeout), "--timeout", "60")
+    session = RawSession(process)
+    with anyio.fail_after(60):
+        await session.initialize()
+        await session.call(1, "locate_objects", {"image": slow_image_uri(), "query": "the red square"})
+        await session.call(2, "status", {})
+        assert "result" in await session.answer(2)
+    return process, session
+
+
+async def test_sigterm_during_a_decode_kills_the_worker_and_exits_zero_within_drain_plus_two_seconds() -> None:
+    process, session = await decoding(drain_timeout=1)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    with anyio.fail_after(10):
+        assert "shutting down" in error_text(await session.answer(1))
+        assert await process.wait() == 0
+    assert time.monotonic() - signalled < 1 + 2
+
+
+async def test_a_second_sigterm_exits_at_once() -> None:
+    process, session = await decoding(drain_timeout=100)
+    process.send_signal(signal.SIGTERM)
+    await session.call(3, "status", {})
+    with anyio.fail_after(10):
+        await session.answer(3)  # the first signal has been handled: the server is draining, call 1 still decodes
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert await process.wait() == 128 + signal.SIGTERM
+    assert time.monotonic() - signalled < 2

@@ -102,3 +102,4 @@ def reliability_server(demo_settings: Settings):
     server = create_server(demo_settings)
     yield server
     server.app.executor.stop()
+    server.app.decoder.close()
