@@ -79,7 +79,17 @@ def test_the_hard_cases_each_rule_is_for() -> None:
     strokes = np.full((300, 300, 3), 255, np.uint8)
     for offset in range(20, 280, 12):  # thin red pen strokes on white paper
         strokes[offset : offset + 2, 20:280] = COLOURS["red"]
-    expected = {"no part of it": blank, "smaller than any shape": page, "thin strokes": strokes}
+    ramp = np.linspace(40, 220, 300, dtype=np.float32)[None, :, None]
+    shaded = np.broadcast_to(ramp, (200, 300, 3)).astype(np.uint8).copy()  # a grey gradient behind a solid shape
+    shaded[60:140, 100:180] = COLOURS["green"]
+    wall = np.full((200, 300, 3), COLOURS["yellow"], np.uint8)  # a yellow wall: no scene is mostly one shape colour
+    expected = {
+        "no part of it": blank,
+        "smaller than any shape": page,
+        "thin strokes": strokes,
+        "neither one plain background": shaded,
+        "covers more of it": wall,
+    }
     for clause, image in expected.items():
         problems = world_check.measure(image).problems()
         assert any(clause in problem for problem in problems), (clause, problems)
