@@ -87,7 +87,11 @@ class DeadlineExceeded(JobCancelled):
 
 
 class Runner(Protocol):
-    """The synchronous model side, called only from the worker thread."""
+    """The synchronous model side, called only from the worker thread.
+
+    Its optional attributes ``device``, ``dtype``, ``model_name`` and ``scope`` (what the model knows, one sentence)
+    are reported in :attr:`Executor.runner_info` once it has loaded.
+    """
 
     def submit(self, job: Job) -> None:
         """Accept a job; its outcome comes from a later :meth:`step`. May raise for a job it cannot run."""
@@ -332,7 +336,7 @@ class Executor:
             self.state = "failed"
             self._ready.set()
             return
-        self.runner_info = {k: getattr(runner, k, None) for k in ("device", "dtype", "model_name")}
+        self.runner_info = {k: getattr(runner, k, None) for k in ("device", "dtype", "model_name", "scope")}
         self.state = "ready"
         self._ready.set()
         log.info("model ready after %.1f s", time.monotonic() - self.started_at)

@@ -108,21 +108,24 @@ class FoundObject:
 
 @dataclass(frozen=True)
 class GenerationOutcome:
-    """Generated text split at its objects (``len(objects) + 1`` segments) and the objects."""
+    """Generated text split at its objects (``len(objects) + 1`` segments) and the objects; ``warnings`` are the
+    model's sentences about the image (e.g. that it lies outside the model's world; see ``nextchat.scopes``)."""
 
     segments: tuple[str, ...]
     objects: tuple[FoundObject, ...]
     finish_reason: str
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class MaskOutcome:
     """One mask per prompt: bool ``[H, W]`` on the original image, SAM's IoU prediction, and whether it was
-    reported empty (IoU prediction under the model's threshold)."""
+    reported empty (IoU prediction under the model's threshold); ``warnings`` as in :class:`GenerationOutcome`."""
 
     masks: tuple[np.ndarray, ...]
     scores: tuple[float, ...]
     empty: tuple[bool, ...]
+    warnings: tuple[str, ...] = ()
 
 
 Outcome = GenerationOutcome | MaskOutcome

@@ -45,6 +45,7 @@ from nextchat.loading import llm_parameter_count, load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import GroundedObject, NextChatPipeline
 from nextchat.processing import ImageGeometry
+from nextchat.scopes import scope_of
 from nextchat.tokenization import NextChatTokenizer
 
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K")
 V = TypeVar("V")
 
+WARNINGS_CACHE = 1024  # images whose world-check sentences the runner keeps (a few hundred bytes each)
 ENCODE_CHUNK = 16  # images per vision-tower or SAM-encoder pass: bounds the activation memory of one pass
 # Messages of CUDA errors after which the context is unusable (sticky errors): only a new process recovers.
 FATAL_DEVICE_ERRORS = (
@@ -199,6 +201,10 @@ class NextChatRunner:
         self.device = str(net.device)
         self.dtype = str(net.dtype).removeprefix("torch.")
         self.model_name = net.config.name
+        # What the model knows, and its check of each image against that (the demo model's shapes world).
+        self.model_scope = scope_of(net.config.name)
+        self.scope = self.model_scope.scope
+        self._warnings: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.fixed_new_tokens = fixed_new_tokens
         self.features: TensorLRU[EncodedImage] = TensorLRU(cache_bytes)
         self.sam_images: TensorLRU[SamImage] = TensorLRU(cache_bytes)
@@ -353,7 +359,10 @@ class NextChatRunner:
             states.append(prompt_states)
             boxes.append(prompt_boxes)
         masks = self.pipeline.masks(sam_image, torch.cat(states), torch.cat(boxes))
-        return MaskOutcome(tuple(m.mask for m in masks), tuple(m.iou for m in masks), tuple(m.empty for m in masks))
+        return MaskOutcome(
+            tuple(m.mask for m in masks), tuple(m.iou for m in masks), tuple(m.empty for m in masks),
+            self.image_warnings(job),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------------------
     def _outcome(self, job: GenerationJob, result: GenerationResult) -> GenerationOutcome:
@@ -364,7 +373,20 @@ class NextChatRunner:
         for obj in answer.objects:
             x1, y1, x2, y2 = (round(v, 1) for v in obj.box)
             objects.append(FoundObject(obj.phrase, (x1, y1, x2, y2), obj))
-        return GenerationOutcome(answer.parsed.segments, tuple(objects), result.finish_reason)
+        return GenerationOutcome(answer.parsed.segments, tuple(objects), result.finish_reason, self.image_warnings(job))
+
+    def image_warnings(self, job: Job) -> tuple[str, ...]:
+        """The model's world check of the job's image (cached by owner and content, like its encodings)."""
+        key = cache_key(job)
+        found = self._warnings.get(key)
+        if found is None:
+            found = tuple(self.model_scope.image_warnings(job.image.pixels))
+            self._warnings[key] = found
+            if len(self._warnings) > WARNINGS_CACHE:
+                self._warnings.popitem(last=False)
+        else:
+            self._warnings.move_to_end(key)
+        return found
 
 
 # ----------------------------------------------------------------------------------------------------------------

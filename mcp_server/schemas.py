@@ -111,8 +111,18 @@ class Provenance(ResultModel):
     """Where a result came from."""
 
     model: str
+    scope: str = Field(description="What the model knows; outside it, its boxes, masks and answers mean nothing.")
     elapsed_ms: float
     decoding: Literal["greedy"] = "greedy"
+
+
+Warnings = Annotated[
+    list[str],
+    Field(
+        description="Sentences to act on before trusting anything else in the result, e.g. that the image lies "
+        "outside what the model knows (then `found`, boxes, masks and answers are meaningless). Empty when none."
+    ),
+]
 
 
 class DetectedObject(ResultModel):

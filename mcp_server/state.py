@@ -20,6 +20,7 @@ from mcp_server.executor import Executor, Runner
 from mcp_server.image_io import ImagePolicy
 from mcp_server.settings import Settings
 from mcp_server.stores import BoundedStore, ImageHandles, ImageStore, Owner, PictureHandles, StoredPicture
+from nextchat.scopes import scope_of_argument
 
 
 MAX_MASKS, MAX_MASK_BYTES = 4096, 512 << 20
@@ -89,6 +90,7 @@ class AppState:
     policy: ImagePolicy
     model: PublicModelName
     decoder: DecodePool
+    scope: str = field(default="")  # what --model knows, read before loading (the loaded model's own is in runner_info)
     started: bool = field(default=False, init=False)
     _readers: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
 
@@ -112,6 +114,7 @@ class AppState:
             ),
             model=PublicModelName.of(settings.model),
             decoder=DecodePool(settings.decode_workers, settings.decode_memory_mib << 20),
+            scope=scope_of_argument(settings.model).scope,
         )
 
     def start(self) -> None:
@@ -131,6 +134,12 @@ class AppState:
         """The model as results name it: the public name, plus the checkpoint's own name when it differs."""
         name = self.executor.runner_info.get("model_name")
         return f"{self.model.name} ({name})" if name and name != self.model.name else self.model.name
+
+    def model_scope(self) -> str:
+        """What the model knows, as results state it: the loaded model's own sentence, or before it has loaded,
+        the one its ``--model`` argument implies."""
+        scope = self.executor.runner_info.get("scope")
+        return scope if isinstance(scope, str) and scope else self.scope
 
     def public_error(self) -> str | None:
         """The executor's error with the checkpoint's location reduced to its name (the caller may not read it)."""

@@ -22,7 +22,7 @@ def test_the_protocol_layer_imports_without_torch(module: str) -> None:
 
 
 # The model package's modules that import no torch: the protocol layer may use their words and records.
-TORCH_FREE = {"nextchat", "nextchat.tasks", "nextchat.prompting", "nextchat.tokenization"}
+TORCH_FREE = {"nextchat", "nextchat.tasks", "nextchat.prompting", "nextchat.tokenization", "nextchat.scopes"}
 
 
 def imported_modules(path: Path, full: bool = False) -> set[str]:

@@ -19,6 +19,7 @@ from mcp_server.schemas import (
     Provenance,
     QuestionArg,
     ResultModel,
+    Warnings,
 )
 from mcp_server.state import AppContext
 from mcp_server.tools.steps import ToolCall, ToolSpec, image_fields, normalized, with_markers
@@ -39,6 +40,7 @@ class Region(ResultModel):
 class DescribeResult(ResultModel):
     """A description of (or an answer about) one region."""
 
+    warnings: Warnings
     image: ImageInfo
     coordinate_space: CoordinateSpace
     region: Region
@@ -75,7 +77,7 @@ async def describe_region(
             clipped=box is not None and list(region) != [float(v) for v in box],
         ),
         question=question, description=with_markers(outcome, [o.id for o in objects]), objects=objects,
-        provenance=call.provenance(),
+        warnings=call.warnings, provenance=call.provenance(),
     )  # fmt: skip
     boxes = [(object_id or "region", region), *[(o.id, o.box) for o in objects]]
     return call.finish(result, stored, boxes, overlay=overlay)

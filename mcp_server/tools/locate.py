@@ -17,6 +17,7 @@ from mcp_server.schemas import (
     Provenance,
     QueryArg,
     ResultModel,
+    Warnings,
 )
 from mcp_server.state import AppContext
 from mcp_server.tools.steps import ToolCall, ToolSpec, image_fields, with_markers
@@ -26,6 +27,7 @@ from nextchat import tasks
 class LocateResult(ResultModel):
     """Objects a query refers to."""
 
+    warnings: Warnings
     image: ImageInfo
     coordinate_space: CoordinateSpace
     query: str
@@ -52,7 +54,7 @@ async def locate_objects(
     image_info, space = image_fields(stored)
     result = LocateResult(
         image=image_info, coordinate_space=space, query=query, found=bool(objects), objects=objects,
-        explanation=with_markers(outcome, ids), provenance=call.provenance(),
+        explanation=with_markers(outcome, ids), warnings=call.warnings, provenance=call.provenance(),
     )  # fmt: skip
     return call.finish(result, stored, [(o.id, o.box) for o in objects], overlay=overlay)
 

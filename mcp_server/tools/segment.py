@@ -23,6 +23,7 @@ from mcp_server.schemas import (
     Provenance,
     QueryArg,
     ResultModel,
+    Warnings,
 )
 from mcp_server.state import AppContext
 from mcp_server.stores import StoredImage, StoredPicture, new_handle
@@ -34,6 +35,7 @@ from nextchat.tasks import Box
 class SegmentResult(ResultModel):
     """A mask for one object."""
 
+    warnings: Warnings
     image: ImageInfo
     coordinate_space: CoordinateSpace
     object_id: str | None = Field(description="The object the mask belongs to (None for a caller's box).")
@@ -98,7 +100,7 @@ async def segment_object(
         box_margin_px=box_masks.margin_px(prompt_box) if box is not None else None,
         area_px=area, area_fraction=round(area / mask.size, 6),
         iou_prediction=round(score, 4), rle=CocoRle.model_validate(rendering.coco_rle(mask)),
-        provenance=call.provenance(),
+        warnings=call.warnings, provenance=call.provenance(),
     )  # fmt: skip
     finished = call.finish(result, stored, [(object_id or "box", prompt_box)], [mask], overlay)
     link = ResourceLink(
@@ -119,7 +121,7 @@ async def _mask_target(
     if query is not None:
         located = await call.generate(stored, tasks.locate_one(query))
         if not located.objects:
-            raise ToolError(f"the model did not locate {query!r}; try another wording or pass a box")
+            raise call.refusal(f"the model did not locate {query!r}; try another wording or pass a box.")
         (obj,) = call.detected(stored, located.objects[:1])
         found = stored.objects[obj.id]
         return obj.id, found.phrase, found.box, MaskPrompt(state=found.state)

@@ -5,22 +5,18 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+from pydantic import Field
+
 from mcp_server.schemas import ResultModel
 from mcp_server.state import AppContext
 from mcp_server.tools.steps import ToolSpec
-
-
-DEMO_NOTE = (
-    "The embedded demo model only knows a synthetic shapes world (red/green/blue/yellow circles, squares and "
-    "triangles on plain backgrounds); start the server with --model <checkpoint dir or hub id> for real photos."
-)
 
 
 class StatusResult(ResultModel):
     """What the server runs and how busy it is."""
 
     model: str
-    note: str
+    note: str = Field(description="What the model knows (its scope, as every result's provenance.scope says).")
     device: str | None
     dtype: str | None
     state: Literal["starting", "loading", "ready", "failed", "stopped"]
@@ -39,7 +35,7 @@ def status(ctx: AppContext) -> StatusResult:
     info = executor.runner_info
     return StatusResult(
         model=app.model.name,
-        note=DEMO_NOTE if app.settings.model == "demo" else "NExT-Chat checkpoint",
+        note=app.model_scope(),
         device=str(info["device"]) if info.get("device") else None,
         dtype=str(info["dtype"]) if info.get("dtype") else None,
         state=executor.state,

@@ -66,6 +66,7 @@ class ToolCall:
         self.owner: Owner = session_owner(ctx)
         self.started = time.perf_counter()
         self.deadline = time.monotonic() + self.app.settings.request_timeout_s
+        self.warnings: list[str] = []  # what the model said about the image, from every job of the call
 
     def remaining_s(self) -> float:
         """Seconds left before the deadline (0 once passed)."""
@@ -144,11 +145,13 @@ class ToolCall:
         job.deadline = self.deadline
         try:
             with anyio.fail_after(self.remaining_s()):
-                return await submit(job)
+                outcome = await submit(job)
         except TimeoutError:
             raise self.timed_out() from None
         except (Overloaded, JobCancelled, ModelNotReady, ValueError) as error:
             raise ToolError(str(error)) from None
+        self.warnings += [warning for warning in outcome.warnings if warning not in self.warnings]
+        return outcome
 
     async def _model_ready(self) -> None:
         """Wait (reporting progress) while the model loads, up to the server's ready wait.
@@ -181,8 +184,13 @@ class ToolCall:
 
     def provenance(self) -> Provenance:
         return Provenance(
-            model=self.app.model_label(), elapsed_ms=round((time.perf_counter() - self.started) * 1000, 1)
-        )
+            model=self.app.model_label(), scope=self.app.model_scope(),
+            elapsed_ms=round((time.perf_counter() - self.started) * 1000, 1),
+        )  # fmt: skip
+
+    def refusal(self, sentence: str) -> ToolError:
+        """A :class:`ToolError` saying ``sentence``, followed by what the model said about the image."""
+        return ToolError(" ".join([sentence, *self.warnings]))
 
     def finish(
         self,

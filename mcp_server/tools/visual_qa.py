@@ -16,6 +16,7 @@ from mcp_server.schemas import (
     Provenance,
     QuestionArg,
     ResultModel,
+    Warnings,
 )
 from mcp_server.state import AppContext
 from mcp_server.tools.steps import ToolCall, ToolSpec, image_fields, with_markers
@@ -25,6 +26,7 @@ from nextchat import tasks
 class VisualQAResult(ResultModel):
     """An answer, with the objects it mentions when grounded."""
 
+    warnings: Warnings
     image: ImageInfo
     coordinate_space: CoordinateSpace
     question: str
@@ -49,7 +51,7 @@ async def visual_qa(
     result = VisualQAResult(
         image=image_info, coordinate_space=space, question=question,
         answer=with_markers(outcome, [o.id for o in objects]),
-        grounded=ground, evidence=objects, provenance=call.provenance(),
+        grounded=ground, evidence=objects, warnings=call.warnings, provenance=call.provenance(),
     )  # fmt: skip
     return call.finish(result, stored, [(o.id, o.box) for o in objects], overlay=overlay)
 

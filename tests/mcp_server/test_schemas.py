@@ -38,7 +38,7 @@ REQUIRED = {
     "visual_qa": {"image", "question"},
     "status": set(),
 }
-IMAGE_RESULT = {"image", "coordinate_space", "provenance", "overlay_uri"}
+IMAGE_RESULT = {"warnings", "image", "coordinate_space", "provenance", "overlay_uri"}
 RESULTS = {
     "locate_objects": IMAGE_RESULT | {"query", "found", "objects", "explanation"},
     "segment_object": IMAGE_RESULT

@@ -108,3 +108,11 @@ async def test_the_reported_misspellings_get_the_sentence_the_issue_asks_for(cli
 async def test_blank_text_is_refused_like_empty_text(client: Client, tool: str, arguments: dict) -> None:
     text = await error_text(client, tool, {"image": VALID["locate_objects"]["image"], **arguments})
     assert "is blank (only whitespace); give some words" in text
+
+
+async def test_server_info_carries_the_package_version(tiny_server) -> None:
+    import importlib.metadata
+
+    async with Client(tiny_server, mode="legacy") as legacy:
+        assert legacy.server_info is not None
+        assert legacy.server_info.version == importlib.metadata.version("nextchat-mcp")
