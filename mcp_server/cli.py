@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from mcp_server.call_command import call_main
 from mcp_server.settings import OptionParser, Settings
 
 
@@ -296,44 +296,6 @@ def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
     app.decoder.close()
     executor.stop(timeout_s=1.0)
     return status
-
-
-async def call_tool(
-    settings: Settings, tool: str, arguments: dict[str, Any]
-) -> tuple[dict[str, Any] | None, str, bool]:
-    """Run one tool through the same server in-process; returns (structured result, text, is_error)."""
-    from mcp import Client
-
-    from mcp_server.server import create_server
-
-    server = create_server(settings)
-    try:
-        async with Client(server) as client:
-            result = await client.call_tool(tool, arguments)
-    finally:
-        server.app.executor.stop()
-        server.app.decoder.close()
-    text = "\n".join(getattr(block, "text", "") for block in result.content if getattr(block, "type", "") == "text")
-    return result.structured_content, text, bool(result.is_error)
-
-
-def call_main(argv: list[str]) -> int:
-    """``nextchat-mcp call TOOL 'JSON' [options]``: print the tool's structured result as JSON."""
-    p = OptionParser("call", description="Run one tool in-process and print its structured result.")
-    p.add_argument("tool", help="locate_objects, segment_object, describe_region, visual_qa or status")
-    p.add_argument("arguments", nargs="?", default="{}", help="the tool's arguments as a JSON object")
-    settings, args = p.parse_settings(argv)
-    try:
-        arguments = json.loads(args.arguments)
-    except json.JSONDecodeError as error:
-        print(f"arguments are not JSON: {error}", file=sys.stderr)
-        return 2
-    structured, text, is_error = anyio.run(call_tool, settings, args.tool, arguments)
-    if is_error:
-        print(text, file=sys.stderr)
-        return 1
-    print(json.dumps(structured, indent=2))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

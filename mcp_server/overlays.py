@@ -36,7 +36,7 @@ SAMPLE_PIXELS = 4096  # pixels a colour is compared with (an even subsample of l
 # Saturated colours far apart from each other; an object gets the one most unlike the pixels it is drawn over.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (255, 255, 255), (0, 0, 0),
+    (240, 50, 230), (210, 245, 60), (255, 225, 25), (0, 0, 128),
 )  # fmt: skip
 
 Rect = tuple[float, float, float, float]

@@ -56,10 +56,11 @@ class NextChatServer(MCPServer[AppState]):
     """``MCPServer`` holding its :class:`AppState`, whose tools refuse unknown arguments and whose
     argument-validation errors are one sentence without the rejected values."""
 
-    def __init__(self, app: AppState, tools: list[Tool] | None = None) -> None:
+    def __init__(self, app: AppState, tools: list[Tool] | None = None, load_model_at_start: bool = True) -> None:
         @asynccontextmanager
         async def lifespan(_: MCPServer[AppState]) -> AsyncGenerator[AppState]:
-            app.start()  # once per process: every connection shares the model
+            if load_model_at_start:
+                app.start()  # once per process: every connection shares the model
             yield app
 
         strict = [strict_tool(tool) for tool in tools or ()]
@@ -92,8 +93,11 @@ def tool_specs() -> list[ToolSpec]:
     return specs
 
 
-def create_server(settings: Settings, runner_factory: Callable[[], Runner] | None = None) -> NextChatServer:
-    """Build the server. The model loads in the background when the first connection opens."""
+def create_server(
+    settings: Settings, runner_factory: Callable[[], Runner] | None = None, load_model_at_start: bool = True
+) -> NextChatServer:
+    """Build the server. The model loads in the background when the first connection opens, or, without
+    ``load_model_at_start``, when the first tool call needs it (``nextchat-mcp call``)."""
     fetches = READ_ONLY_WEB if settings.allow_urls else READ_ONLY
     tools = [
         Tool.from_function(
@@ -104,7 +108,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         )
         for spec in tool_specs()
     ]
-    server = NextChatServer(AppState.create(settings, runner_factory), tools)
+    server = NextChatServer(AppState.create(settings, runner_factory), tools, load_model_at_start)
     for resource in RESOURCES:
         server.resource(
             resource.uri, name=resource.name, mime_type=resource.mime_type, description=resource.description

@@ -156,6 +156,7 @@ class ToolCall:
         That wait is bounded by ``--ready-wait``, not ``--timeout``: the call's deadline moves on by the time spent
         here, so a call that arrived during a slow load still gets its full ``--timeout`` for the model's work.
         """
+        self.app.start()  # a server that loads its model on first use (``nextchat-mcp call``) starts it now
         executor, wait_s = self.app.executor, self.app.settings.ready_wait_s
         waited, started = 0.0, time.monotonic()
         while waited < wait_s and executor.state in ("starting", "loading"):
