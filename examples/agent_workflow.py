@@ -3,8 +3,9 @@
     python examples/agent_workflow.py                   # a rendered shapes scene, the embedded demo model
     python examples/agent_workflow.py --image photo.jpg --query "the dog" --model AoZhang/nextchat-7b-336
 
-Writes the image, the mask (PNG from the mask:// resource), the server's overlay and an overlay drawn here from the
-structured results into --out, and prints what each call returned.
+Writes into --out the mask (PNG from the mask:// resource), the server's overlay (JPEG from the overlay:// resource),
+an overlay drawn here from the structured results (PNG) and, for a rendered scene, the scene itself (scene.png; an
+image given with --image is read where it is, not copied); prints what each call returned and the files it wrote.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import anyio
 import numpy as np
 from mcp import Client, StdioServerParameters
 from mcp.types import BlobResourceContents
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from mcp_server.overlays import draw_overlay
 
 
 if TYPE_CHECKING:
@@ -34,18 +37,6 @@ async def call(client: Client, tool: str, arguments: dict) -> dict:
     shown = {k: v for k, v in result.structured_content.items() if k not in ("rle", "coordinate_space")}
     print(f"\n{tool}({json.dumps(arguments)[:160]})\n  -> {json.dumps(shown)[:900]}")
     return result.structured_content
-
-
-def draw_overlay(pixels: np.ndarray, mask: np.ndarray, boxes: list[tuple[str, list[float]]]) -> Image.Image:
-    """The client's own picture of the results: the mask tinted, boxes outlined and labelled with object ids."""
-    image = pixels.astype(np.float32)
-    image[mask] = 0.5 * image[mask] + 0.5 * np.array([255, 0, 255])
-    picture = Image.fromarray(image.astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    for label, (x1, y1, x2, y2) in boxes:
-        draw.rectangle((x1, y1, x2, y2), outline=(0, 0, 0), width=3)
-        draw.text((x1 + 4, y1 + 2), label, fill=(0, 0, 0))
-    return picture
 
 
 async def read_blob(client: Client, uri: str) -> bytes:
@@ -103,8 +94,10 @@ async def main() -> None:
         (args.out / "server_overlay.jpg").write_bytes(await read_blob(client, segment["overlay_uri"]))
     pixels = np.asarray(Image.open(image_path).convert("RGB"))
     mask = np.asarray(Image.open(args.out / "mask.png")) > 127
-    boxes = [(o["id"], o["box"]) for o in grounded["evidence"]] + [(obj["id"], obj["box"])]
-    draw_overlay(pixels, mask, boxes).save(args.out / "overlay.png")
+    # The located object first, so that it and its mask share a colour; then the grounded answer's evidence.
+    boxes = [(obj["id"], obj["box"])] + [(o["id"], o["box"]) for o in grounded["evidence"] if o["id"] != obj["id"]]
+    draw_overlay(pixels, boxes, [mask]).picture.save(args.out / "overlay.png")
+    written = ["mask.png", "server_overlay.jpg (the server's)", "overlay.png (drawn here from the results)"]
 
     print(f"\n{query!r} is {obj['id']} at {obj['box']}; mask {segment['area_px']} px "
           f"(SAM IoU prediction {segment['iou_prediction']}); described as {region['description']!r}; "
@@ -117,7 +110,8 @@ async def main() -> None:
         box_overlap = box_iou(obj["box"], target.box)
         print(f"against the renderer's ground truth: box IoU {box_overlap:.2f}, mask IoU {inter:.2f}, "
               f"{len(scene.objects)} shapes")  # fmt: skip
-    print(f"wrote {args.out}/scene.png, mask.png, overlay.png (drawn from the results) and server_overlay.jpg")
+        written.insert(0, "scene.png (the rendered scene)")
+    print(f"wrote into {args.out}/: " + ", ".join(written))
 
 
 if __name__ == "__main__":

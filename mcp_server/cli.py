@@ -13,19 +13,20 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
-import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from mcp_server.call_command import call_main
+from mcp_server.http_auth import ASGIApp, bearer_guard
 from mcp_server.settings import OptionParser, Settings
 
 
@@ -51,8 +52,7 @@ ANSWER_FLUSH_S = 0.2
 LAST_ANSWERS_S = 0.5
 SHUTDOWN_MARGIN_S = 1.5
 
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+HTTP_PATH = "/mcp"  # where the streamable-HTTP endpoint answers
 
 
 def _quiet_libraries() -> None:
@@ -72,22 +72,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def bearer_guard(app: ASGIApp, token: str) -> ASGIApp:
-    """Refuse HTTP requests without ``Authorization: Bearer <token>`` (401) before they reach the MCP app."""
-    expected = f"Bearer {token}".encode()
-
-    async def guarded(
-        scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
-    ) -> None:
-        if scope["type"] == "http" and dict(scope.get("headers") or []).get(b"authorization") != expected:
-            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"missing or wrong bearer token"})
-            return
-        await app(scope, receive, send)
-
-    return guarded
 
 
 def serve(settings: Settings) -> int:
@@ -255,6 +239,12 @@ async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> i
     return status
 
 
+def endpoint_url(host: str, port: int) -> str:
+    """The URL clients connect to: ``http://HOST:PORT/mcp`` (an IPv6 address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}{HTTP_PATH}"
+
+
 def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
     """Serve streamable HTTP until SIGTERM / SIGINT (drained by uvicorn) or a device failure; the exit status."""
     import uvicorn
@@ -272,7 +262,12 @@ def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
             exit_soon(0, settings.drain_timeout_s + SHUTDOWN_MARGIN_S)
             self.should_exit = True
 
-    asgi: ASGIApp = server.streamable_http_app()  # type: ignore[assignment]
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound and listening: say where (uvicorn's own line is below --log-level warning)
+                log.info("serving MCP over streamable HTTP at %s", endpoint_url(settings.host, settings.port))
+
+    asgi: ASGIApp = server.streamable_http_app(streamable_http_path=HTTP_PATH)  # type: ignore[assignment]
     if settings.token:
         asgi = bearer_guard(asgi, settings.token)
     config = uvicorn.Config(
@@ -296,44 +291,6 @@ def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
     app.decoder.close()
     executor.stop(timeout_s=1.0)
     return status
-
-
-async def call_tool(
-    settings: Settings, tool: str, arguments: dict[str, Any]
-) -> tuple[dict[str, Any] | None, str, bool]:
-    """Run one tool through the same server in-process; returns (structured result, text, is_error)."""
-    from mcp import Client
-
-    from mcp_server.server import create_server
-
-    server = create_server(settings)
-    try:
-        async with Client(server) as client:
-            result = await client.call_tool(tool, arguments)
-    finally:
-        server.app.executor.stop()
-        server.app.decoder.close()
-    text = "\n".join(getattr(block, "text", "") for block in result.content if getattr(block, "type", "") == "text")
-    return result.structured_content, text, bool(result.is_error)
-
-
-def call_main(argv: list[str]) -> int:
-    """``nextchat-mcp call TOOL 'JSON' [options]``: print the tool's structured result as JSON."""
-    p = OptionParser("call", description="Run one tool in-process and print its structured result.")
-    p.add_argument("tool", help="locate_objects, segment_object, describe_region, visual_qa or status")
-    p.add_argument("arguments", nargs="?", default="{}", help="the tool's arguments as a JSON object")
-    settings, args = p.parse_settings(argv)
-    try:
-        arguments = json.loads(args.arguments)
-    except json.JSONDecodeError as error:
-        print(f"arguments are not JSON: {error}", file=sys.stderr)
-        return 2
-    structured, text, is_error = anyio.run(call_tool, settings, args.tool, arguments)
-    if is_error:
-        print(text, file=sys.stderr)
-        return 1
-    print(json.dumps(structured, indent=2))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,13 +68,14 @@ class NextChatServer(MCPServer[AppState]):
     """``MCPServer`` holding its :class:`AppState`, whose tools refuse unknown arguments and whose
     argument-validation errors are one sentence without the rejected values."""
 
-    def __init__(self, app: AppState, tools: list[Tool] | None = None) -> None:
+    def __init__(self, app: AppState, tools: list[Tool] | None = None, load_model_at_start: bool = True) -> None:
         """``app``'s scope (what its ``--model`` knows) ends the instructions, as it ends each image tool's
         description (see :func:`create_server`)."""
 
         @asynccontextmanager
         async def lifespan(_: MCPServer[AppState]) -> AsyncGenerator[AppState]:
-            app.start()  # once per process: every connection shares the model
+            if load_model_at_start:
+                app.start()  # once per process: every connection shares the model
             yield app
 
         strict = [strict_tool(tool) for tool in tools or ()]
@@ -121,8 +122,11 @@ def tool_specs() -> list[ToolSpec]:
     return specs
 
 
-def create_server(settings: Settings, runner_factory: Callable[[], Runner] | None = None) -> NextChatServer:
-    """Build the server. The model loads in the background when the first connection opens.
+def create_server(
+    settings: Settings, runner_factory: Callable[[], Runner] | None = None, load_model_at_start: bool = True
+) -> NextChatServer:
+    """Build the server. The model loads in the background when the first connection opens, or, without
+    ``load_model_at_start``, when the first tool call needs it (``nextchat-mcp call``).
 
     The instructions and each image tool's description name the scope of the model ``settings.model`` names, read
     without loading it (``nextchat.scopes``); ``tools_schema/`` holds what the default server (the demo model)
@@ -140,7 +144,7 @@ def create_server(settings: Settings, runner_factory: Callable[[], Runner] | Non
         )
         for spec in tool_specs()
     ]
-    server = NextChatServer(app, tools)
+    server = NextChatServer(app, tools, load_model_at_start)
     for resource in RESOURCES:
         server.resource(
             resource.uri, name=resource.name, mime_type=resource.mime_type, description=resource.description

@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         float,
         Option(
             "--ready-wait",
-            SERVE_AND_CALL,
+            SERVE,
             "seconds a call made while the model loads waits (with progress) before 'warming up, retry'",
         ),
         Field(ge=0),

@@ -8,14 +8,10 @@ different tokens never see each other's images, objects, masks or overlays. Toke
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Mapping
 
+from mcp_server.http_auth import ASGIApp, Receive, Scope, Send, authorization, refuse
 from mcp_server.state import PRINCIPAL_SCOPE_KEY
-
-
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 def parse_tokens(spec: str) -> dict[str, str]:
@@ -45,17 +41,18 @@ def principal_for(tokens: Mapping[str, str], authorization: bytes | None) -> str
 
 
 def principal_guard(app: ASGIApp, tokens: Mapping[str, str]) -> ASGIApp:
-    """Refuse HTTP requests without a known bearer token (401); pass the others on with their principal in the
+    """Refuse HTTP requests without a known bearer token (401, with the challenge of
+    :func:`mcp_server.http_auth.refuse`); pass the others on with their principal in the
     scope's ``state`` (:data:`~mcp_server.state.PRINCIPAL_SCOPE_KEY`), where the tools read their owner."""
 
-    async def guarded(scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]):
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        principal = principal_for(tokens, dict(scope.get("headers") or []).get(b"authorization"))
+        presented = authorization(scope)
+        principal = principal_for(tokens, presented)
         if principal is None:
-            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"missing or unknown bearer token"})
+            await refuse(send, presented is not None)
             return
         scope["state"] = {**(scope.get("state") or {}), PRINCIPAL_SCOPE_KEY: principal}
         await app(scope, receive, send)

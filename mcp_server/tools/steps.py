@@ -21,7 +21,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel
 
-from mcp_server import image_io, rendering
+from mcp_server import image_io, overlays
 from mcp_server.executor import JobCancelled, ModelNotReady, Overloaded
 from mcp_server.messages import (
     FoundObject,
@@ -159,6 +159,7 @@ class ToolCall:
         That wait is bounded by ``--ready-wait``, not ``--timeout``: the call's deadline moves on by the time spent
         here, so a call that arrived during a slow load still gets its full ``--timeout`` for the model's work.
         """
+        self.app.start()  # a server that loads its model on first use (``nextchat-mcp call``) starts it now
         executor, wait_s = self.app.executor, self.app.settings.ready_wait_s
         waited, started = 0.0, time.monotonic()
         while waited < wait_s and executor.state in ("starting", "loading"):
@@ -203,7 +204,7 @@ class ToolCall:
         """The result as structured content and its JSON text, plus the overlay picture (and its link) when asked."""
         content: list[ContentBlock] = []
         if overlay:
-            jpeg = rendering.overlay_image(stored.image.pixels, boxes, masks)
+            jpeg = overlays.overlay_jpeg(stored.image.pixels, boxes, masks)
             overlay_id = new_handle("")
             self.app.overlays.put((self.owner, overlay_id), StoredPicture(jpeg, "image/jpeg", stored.handle))
             uri = f"overlay://{overlay_id}.jpg"

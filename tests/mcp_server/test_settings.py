@@ -75,6 +75,7 @@ SERVE_ONLY = {
     "--max-batch",
     "--max-wait-ms",
     "--drain-timeout",
+    "--ready-wait",
 }
 
 
