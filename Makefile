@@ -2,6 +2,8 @@
 # make demo  — create .venv, install, run a scripted agent over stdio on the embedded demo model (CPU, ~1 min)
 # make bench — the CPU benchmark (batched server vs naive path; demo model if installed, else tiny), a few minutes
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
+# make bench-full-size — the 7B's shapes on this CPU (random weights under /work/fullsize/ckpt, ~15 GB): load time,
+#   peak memory, stage timings, decode ms/token against the memory-bandwidth floor, in bfloat16 and int8
 # make bench-cluster — req/s of the server on Ray Serve with 1 and 2 model replicas against the single process
 #                     (installs the cluster extra, ray[serve] and redis; needs redis-server), a few minutes
 # make lint  — ruff (lint, complexity, format) on every package, pyright (strict on mcp_server/), tools_schema/ drift
@@ -15,7 +17,7 @@ STAMP := $(VENV)/.installed
 CLUSTER_STAMP := $(VENV)/.cluster-installed
 LINTED := nextchat mcp_server benchmarks examples tests
 
-.PHONY: test test-slow demo lint install clean bench bench-cluster install-cluster
+.PHONY: test test-slow demo lint install clean bench bench-cluster bench-full-size install-cluster
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +50,9 @@ install-cluster: $(CLUSTER_STAMP)
 
 bench-cluster: $(CLUSTER_STAMP)
 	$(PY) -m benchmarks.cluster
+
+bench-full-size: $(STAMP)
+	nice -n 5 $(PY) -m benchmarks.full_size
 
 # pyright reads mcp_server/cluster/ and mcp_server/redis_store.py, which import the cluster extra.
 lint: $(CLUSTER_STAMP)

@@ -293,6 +293,23 @@ def load_model(
         raise CheckpointError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {config.vocab_size}"
         )
+    model, report = load_weights(
+        directory, config, device, dtype, quantize=quantize, sam_checkpoint=sam_checkpoint, strict=strict
+    )
+    return model, tokenizer, report
+
+
+def load_weights(
+    directory: Path,
+    config: NextChatConfig,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    *,
+    quantize: str = "none",
+    sam_checkpoint: str | Path | None = None,
+    strict: bool = True,
+) -> tuple[NextChatModel, LoadReport]:
+    """The model of ``config`` filled from ``directory``'s weight files (see :func:`load_model`; no tokenizer)."""
     torch_device = resolve_device(device)
     check_mode(quantize, torch_device)
     llm_parameters = llm_parameter_count(config)
@@ -318,7 +335,7 @@ def load_model(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_keys(directory, shapes, expected, report, strict)
     fill(model, sources, Target(torch_device, precision, quantize), accept=expected.__contains__)
-    return model, tokenizer, report
+    return model, report
 
 
 def _ignored(key: str, report: LoadReport) -> bool:

@@ -105,9 +105,11 @@ class NextChatPipeline:
         self.engine = NextChatEngine(model, tokenizer, decode_mode)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, device: str = "auto", dtype: str = "auto") -> NextChatPipeline:
-        """Load a checkpoint (see :func:`nextchat.load_model`)."""
-        model, tokenizer, _ = load_model(path_or_id, device=device, dtype=dtype)
+    def from_pretrained(
+        cls, path_or_id: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "none"
+    ) -> NextChatPipeline:
+        """Load a checkpoint (see :func:`nextchat.load_model`; ``quantize``: none, int8 or nf4)."""
+        model, tokenizer, _ = load_model(path_or_id, device=device, dtype=dtype, quantize=quantize)
         return cls(model, tokenizer)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1, help="held-out seed (training uses another stream)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="the LLM's layer linears in int8")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipeline = NextChatPipeline.from_pretrained(args.model, device="cpu")
+    pipeline = NextChatPipeline.from_pretrained(args.model, device="cpu", quantize=args.quantize)
     report = evaluate(pipeline, held_out_scenes(args.scenes, args.seed), args.seed)
     print(report.table())
     if args.json:

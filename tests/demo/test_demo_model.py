@@ -30,11 +30,16 @@ def test_the_shipped_checkpoint_is_small_official_and_loads_strictly_by_name() -
     assert not model.training
 
 
-@pytest.fixture(scope="module")
-def pipeline():
+@pytest.fixture(scope="module", params=["none", "int8"])
+def pipeline(request: pytest.FixtureRequest):
+    """The demo model as shipped, and with its LLM's layer linears in int8 (the same thresholds hold for both)."""
     from nextchat.pipeline import NextChatPipeline
+    from nextchat.quantization import Int8Linear
 
-    return NextChatPipeline.from_pretrained("demo", device="cpu")
+    pipeline = NextChatPipeline.from_pretrained("demo", device="cpu", quantize=request.param)
+    quantized = sum(isinstance(m, Int8Linear) for m in pipeline.model.modules())
+    assert quantized == (7 * pipeline.model.config.text["num_hidden_layers"] if request.param == "int8" else 0)
+    return pipeline
 
 
 def test_held_out_figures_reach_the_thresholds(pipeline) -> None:
