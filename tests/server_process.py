@@ -148,18 +148,19 @@ def _parents() -> dict[int, int]:
 
 
 def decode_worker_cpu_s(server_pid: int) -> float:
-    """CPU seconds used so far by the server's grandchildren: its decode workers, forked by the fork server (the
-    fork server itself and the resource tracker are children, not counted)."""
-    parents = _parents()
-    children = {pid for pid, parent in parents.items() if parent == server_pid}
+    """CPU seconds used so far by the server's decode workers: its child processes running
+    ``mcp_server.decode_worker``."""
     total = 0.0
-    for pid, parent in parents.items():
-        if parent in children:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
+    for pid, parent in _parents().items():
+        if parent != server_pid:
+            continue
+        try:
+            if b"mcp_server.decode_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                 continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return total
 
 

@@ -7,22 +7,12 @@ import zlib
 
 import jsonschema
 import numpy as np
-import pytest
 from mcp import Client
 from PIL import Image
 
 
 CAP = 20 * 1024 * 1024  # the server's default byte cap on an image
 MINIMAL_SOS = b"\xff\xda\x00\x08\x01\x01\x00\x00\x00\x00"  # an empty progressive scan: 10 bytes
-
-# A known fault, kept visible until it is fixed (strict: once fixed these tests pass, and this marker must go).
-# DecodePool.decode's ``except BaseException: call.abandon()`` also catches the ImageInputError a worker answered
-# with (a refused or corrupt image), by then the worker is back in the idle list: it is killed there, and the next
-# caller's image, whoever sent it, fails with "the image decoder stopped on this image". The fix is an
-# ``except ImageInputError: raise`` before that clause.
-POOL_KILLS_AN_IDLE_WORKER = pytest.mark.xfail(
-    strict=True, reason="decode_pool: a refused image's worker is killed after it went back to the pool"
-)
 
 
 def make_image(width: int, height: int, seed: int = 0) -> np.ndarray:

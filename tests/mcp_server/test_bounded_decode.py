@@ -8,7 +8,7 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
-from support import CAP, POOL_KILLS_AN_IDLE_WORKER, encode, noise, rle8_bmp, scan_bomb
+from support import CAP, encode, noise, rle8_bmp, scan_bomb
 
 from mcp_server.decode_pool import TOO_LONG, DecodePool
 from mcp_server.image_io import ImageInputError, ImagePolicy
@@ -70,7 +70,6 @@ async def test_a_decode_past_its_deadline_is_killed_and_the_next_decode_gets_a_f
     assert np.array_equal(image.pixels, noise(64, 48))
 
 
-@POOL_KILLS_AN_IDLE_WORKER
 @pytest.mark.anyio
 async def test_a_refused_image_leaves_its_worker_decoding_the_next_callers_image(pool) -> None:
     small = encode(Image.fromarray(noise(64, 48)), "PNG")

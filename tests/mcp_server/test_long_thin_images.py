@@ -17,8 +17,8 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
+from server_process import RawSession, start, structured, tool_error
 from support import make_image, png_data_uri
-from test_shutdown import RawSession, error_text, start, structured
 
 
 pytestmark = pytest.mark.anyio
@@ -88,7 +88,7 @@ async def test_long_thin_and_marker_flood_images_finish_fast_in_bounded_server_m
             segmented = structured(await timed(3, "segment_object", {"image": located["image"]["id"],
                                                                       "box": [0, 0, 16384, 8]}))  # fmt: skip
             assert segmented["rle"]["size"] == [8, 16384]
-            flood = error_text(await timed(4, "locate_objects", {"image": marker_flood_jpeg(), "query": "x"}))
+            flood = tool_error(await timed(4, "locate_objects", {"image": marker_flood_jpeg(), "query": "x"}))
             assert "marker" in flood
             peak = proc_status(process.pid, "VmHWM")
             workers = {pid: proc_status(pid, "VmHWM") // MIB for pid in children(process.pid)}
