@@ -18,6 +18,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -204,7 +205,12 @@ class NextChatRunner:
         # What the model knows, and its check of each image against that (the demo model's shapes world).
         self.model_scope = scope_of(net.config.name)
         self.scope = self.model_scope.scope
-        self._warnings: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        # The check runs in its own thread from the job's submission (numpy, most of it without the GIL), so the
+        # model thread finds it done instead of stalling the batch for it (about 50 ms a demo-sized image).
+        self._warnings: OrderedDict[str, Future[tuple[str, ...]]] = OrderedDict()
+        self._world_checker = (
+            ThreadPoolExecutor(1, thread_name_prefix="world-check") if self.model_scope.world_check else None
+        )
         self.fixed_new_tokens = fixed_new_tokens
         self.features: TensorLRU[EncodedImage] = TensorLRU(cache_bytes)
         self.sam_images: TensorLRU[SamImage] = TensorLRU(cache_bytes)
@@ -253,6 +259,7 @@ class NextChatRunner:
     # ------------------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Check a job and tokenize its prompt; its device work (encoding, generation, masks) runs in :meth:`step`."""
+        self._start_world_check(job)
         if isinstance(job, MaskJob):
             if not job.prompts:
                 raise ValueError("a mask needs a located object or a box")
@@ -377,15 +384,22 @@ class NextChatRunner:
 
     def image_warnings(self, job: Job) -> tuple[str, ...]:
         """The model's world check of the job's image (cached by owner and content, like its encodings)."""
+        return self._start_world_check(job).result()
+
+    def _start_world_check(self, job: Job) -> Future[tuple[str, ...]]:
         key = cache_key(job)
         found = self._warnings.get(key)
-        if found is None:
-            found = tuple(self.model_scope.image_warnings(job.image.pixels))
-            self._warnings[key] = found
-            if len(self._warnings) > WARNINGS_CACHE:
-                self._warnings.popitem(last=False)
-        else:
+        if found is not None:
             self._warnings.move_to_end(key)
+            return found
+        if self._world_checker is None:
+            found = Future[tuple[str, ...]]()
+            found.set_result(())
+        else:
+            found = self._world_checker.submit(lambda: tuple(self.model_scope.image_warnings(job.image.pixels)))
+        self._warnings[key] = found
+        if len(self._warnings) > WARNINGS_CACHE:
+            self._warnings.popitem(last=False)
         return found
 
 
