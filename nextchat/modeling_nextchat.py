@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from nextchat import attention
 from nextchat.configuration import NextChatConfig, SamConfig
 from nextchat.kv_cache import BatchKVCache
 from nextchat.processing import SAM_MEAN, SAM_STD
@@ -187,7 +188,9 @@ class NextChatLlamaModel(LlamaModel):
     """LLaMA with the multimodal projector and vision tower under the official ``model.*`` keys."""
 
     def __init__(self, config: NextChatConfig) -> None:
-        super().__init__(LlamaConfig(**config.text))
+        # The attention is SDPA but for single-query steps on a CPU (see nextchat.attention); a config that names
+        # another implementation keeps it.
+        super().__init__(LlamaConfig(**{"attn_implementation": attention.NAME, **config.text}))
         self.vision_tower = VisionTower(config)
         hidden = config.hidden_size
         widths = [config.mm_hidden_size] + [hidden] * config.mm_depth
@@ -361,7 +364,7 @@ class NextChatModel(nn.Module):
         """
         llm = self.model
         mask = attention_mask
-        if llm.config._attn_implementation != "sdpa":  # eager attention adds its mask to the scores
+        if llm.config._attn_implementation not in {"sdpa", attention.NAME}:  # eager adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(inputs_embeds.dtype).min
             )

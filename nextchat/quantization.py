@@ -5,10 +5,12 @@ Only the LLM's decoder-layer linears are quantized (attention q/k/v/o and the ML
 quantizing vision encoders is known to cost accuracy. ``lm_head`` stays 16-bit too, as transformers' bitsandbytes
 integration leaves it: it is the one layer whose rounding lands directly on the logits, and it is 2 % of the LLM.
 
-- ``int8`` on a CPU: symmetric per-output-channel int8 weights multiplied by torch's own
-  ``aten._weight_int8pack_mm``, which reads the int8 weight as it is (a decode step moves half the bytes of
-  bfloat16). Prompts of many positions instead widen the weight to the activation dtype once per call and use the
-  dense GEMM: there the multiply, not the weight traffic, is the cost, and the int8 kernel is ~3× slower per row.
+- ``int8`` on a CPU: symmetric per-output-channel int8 weights, read as they are (a decode step moves half the bytes
+  of bfloat16). One or two rows (a decode step) go through :mod:`nextchat.int8_matvec`, a kernel that streams the
+  weight at memory speed, where it can be built; up to 16 rows, or where it cannot, through torch's own
+  ``aten._weight_int8pack_mm``. Prompts of many positions widen the weight to the activation dtype once per call and
+  use the dense GEMM: there the multiply, not the weight traffic, is the cost, and the int8 kernels are slower per
+  row.
 - ``int8`` and ``nf4`` on CUDA: bitsandbytes (``Linear8bitLt``, ``Linear4bit``), the library LLaVA's
   ``--load-8bit`` / ``--load-4bit`` use; ``pip install 'nextchat-mcp[quantize]'``. Its kernels are CUDA ones
   (nf4 has no CPU path here), so ``nf4`` elsewhere is refused in one sentence.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from nextchat import int8_matvec
 
 
 QUANTIZE_MODES = ("none", "int8", "nf4")
@@ -81,7 +85,9 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         scale = self.scale.to(x.dtype)
         if rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, scale)
+            out = int8_matvec.matvec(rows, self.qweight, scale)
+            if out is None:
+                out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, scale)
         else:
             out = nn.functional.linear(rows, self.qweight.to(x.dtype) * scale[:, None])
         return out.reshape(*x.shape[:-1], self.out_features)
