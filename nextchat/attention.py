@@ -57,11 +57,10 @@ def single_query_attention(
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float()  # [B, kv_heads, group, L]
     scores *= head_dim**-0.5 if scaling is None else scaling
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.float()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # additive
+        scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, kv_heads, group, D]
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2)

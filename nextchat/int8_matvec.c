@@ -14,8 +14,8 @@
 #include <stdint.h>
 
 #define X_MAX 16383.0f
-/* Each int32 lane gains at most 2 * 16383 * 127 per multiply-add and takes 4096 / 64 of them per chunk: far from
- * overflow. The chunk's sum is then moved to float. */
+/* An int32 lane gains at most 2 * 16383 * 127 per multiply-add and takes at most 4096 / 16 of them per chunk
+ * (about 2^30): no overflow. The lanes are then summed in float, where the sum of all of them could not be in int32. */
 #define CHUNK 4096
 
 enum { KIND_F32 = 0, KIND_BF16 = 1 };
@@ -37,11 +37,13 @@ static inline float load(const void* data, int kind, long i) {
     return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t*)data)[i]) : ((const float*)data)[i];
 }
 
-static inline int32_t sum_lanes(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+/* The sum of the int32 lanes of a and b, in float */
+static inline float sum_lanes(__m256i a, __m256i b) {
+    __m256 v = _mm256_add_ps(_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+    return _mm_cvtss_f32(s);
 }
 
 #define WEIGHTS(off) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(row + k + (off))))
@@ -61,7 +63,7 @@ static float dot(const int8_t* row, const int16_t* xq, int k_len) {
             a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(WEIGHTS(48), INPUTS(48)));
         }
         for (; k < end; k += 16) a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(WEIGHTS(0), INPUTS(0)));
-        total += (float)sum_lanes(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
+        total += sum_lanes(a0, a1) + sum_lanes(a2, a3);
     }
     return total;
 }
@@ -85,8 +87,8 @@ static void dot2(const int8_t* row, const int16_t* x0, const int16_t* x1, int k_
             a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x0 + k))));
             b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x1 + k))));
         }
-        sums[0] += (float)sum_lanes(_mm256_add_epi32(a0, a1));
-        sums[1] += (float)sum_lanes(_mm256_add_epi32(b0, b1));
+        sums[0] += sum_lanes(a0, a1);
+        sums[1] += sum_lanes(b0, b1);
     }
 }
 

@@ -82,7 +82,8 @@ def library() -> ctypes.CDLL | None:
         return None
     function = lib.nextchat_int8_matvec
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    function.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, pointer, pointer, integer]
+    # x, kind, rows, k_len, weight, scale, n_len, out, xq, x_step, threads
+    function.argtypes = [pointer, *[integer] * 3, pointer, pointer, integer, *[pointer] * 3, integer]
     function.restype = integer
     return lib
 

@@ -1,0 +1,101 @@
+"""The CPU's int8 decode kernel: same products as torch's, exact integer sums, and torch's kernel wherever it cannot
+run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nextchat import int8_matvec
+from nextchat.quantization import Int8Linear
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if reason := int8_matvec.unavailable_reason():
+        pytest.skip(f"the int8 kernel cannot run here: {reason}")
+    assert int8_matvec.library() is not None, "an x86-64 AVX2 machine with a C compiler must build the kernel"
+
+
+def quantized(out_features: int, in_features: int, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+    layer = Int8Linear.from_weight(weight, dtype)
+    return layer.qweight, layer.scale, generator
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.double() @ (qweight.double() * scale.double()[:, None]).T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("in_features", [48, 4096 + 48])  # a tail of 16s; and past one 4096-wide chunk
+def test_the_kernel_computes_the_int8_product(kernel, dtype: torch.dtype, rows: int, in_features: int) -> None:
+    qweight, scale, generator = quantized(37, in_features, dtype)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    x[:, 5] *= 40  # an outlier channel, as LLaMA's activations have
+    out = int8_matvec.matvec(x, qweight, scale)
+    assert out is not None and out.dtype == dtype and out.shape == (rows, 37)
+    expected = reference(x, qweight, scale)
+
+    def error(product: torch.Tensor) -> float:
+        return float(((product.double() - expected).norm(dim=1) / expected.norm(dim=1)).max())
+
+    # The int16 activations cost no more than bfloat16 ones would; a bfloat16 output, no more than its own rounding.
+    if dtype == torch.float32:
+        assert error(out) <= error(reference(x.bfloat16(), qweight, scale))
+    else:
+        assert error(out) <= 2 * error(expected.to(dtype))
+    assert error(out) < 1e-2
+    assert error(torch.ops.aten._weight_int8pack_mm(x, qweight, scale)) < 1e-2  # the same product as torch's
+
+
+def test_long_rows_sum_without_integer_overflow(kernel) -> None:
+    """65 536 products of 16383 × 127 are 2^37: in int32 they would wrap; chunks and float sums do not."""
+    width = 65536
+    qweight = torch.full((2, width), 127, dtype=torch.int8)
+    qweight[1] = -127
+    scale = torch.ones(2)
+    out = int8_matvec.matvec(torch.ones(1, width), qweight, scale)
+    assert out is not None
+    expected = torch.tensor([[127.0 * width, -127.0 * width]])
+    assert torch.allclose(out, expected, rtol=1e-6, atol=0)
+
+
+def test_inputs_the_kernel_does_not_take_go_to_torch(kernel) -> None:
+    qweight, scale, _ = quantized(8, 32, torch.float32)
+    assert int8_matvec.matvec(torch.ones(3, 32), qweight, scale) is None  # more rows than a decode step
+    assert int8_matvec.matvec(torch.ones(1, 32).half(), qweight, scale.half()) is None
+    odd, odd_scale, _ = quantized(8, 40, torch.float32)
+    assert int8_matvec.matvec(torch.ones(1, 40), odd, odd_scale) is None  # width not a multiple of 16
+    assert int8_matvec.matvec(torch.ones(1, 64)[:, ::2], qweight, scale) is not None  # strided input is copied
+    for bad in (float("nan"), float("inf")):
+        x = torch.ones(1, 32)
+        x[0, 3] = bad
+        assert int8_matvec.matvec(x, qweight, scale) is None
+
+
+def test_a_layer_carries_nan_like_torch(kernel) -> None:
+    """A NaN in the activations comes out as NaN (torch's kernel runs), never as a finite number."""
+    layer = Int8Linear(*quantized(8, 32, torch.float32)[:2])
+    x = torch.ones(1, 32)
+    x[0, 0] = float("nan")
+    assert torch.isnan(layer(x)).all()
+
+
+def test_the_kernel_is_built_into_the_cache_directory(kernel, tmp_path: Path) -> None:
+    target = tmp_path / "kernels" / "int8_matvec-test.so"
+    int8_matvec._build(target)
+    assert target.is_file()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no partial file left behind
+
+
+def test_the_environment_can_choose_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTCHAT_INT8_KERNEL", "torch")
+    assert int8_matvec.unavailable_reason() == "NEXTCHAT_INT8_KERNEL=torch"
+    monkeypatch.setenv("NEXTCHAT_INT8_KERNEL", "")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert int8_matvec.unavailable_reason() == "no C compiler (set CC)"
