@@ -13,9 +13,11 @@
   ``--prompt`` positions (576 image tokens + a short question is ~600). Stages longer than minutes here run on a
   sample of their blocks and are extrapolated to full depth (:mod:`benchmarks.sampled_depth`; each says so);
 - ``decode_ms_per_token``: ``--steps`` single-row steps of the engine's decode path after ``--prompt`` positions,
-  the first one not averaged; beside it ``decode_floor_ms_per_token``, the bytes every step must read (the LLM's
-  weights but its embedding table, of which a step reads one row, and the cached keys and values) over the copy
-  bandwidth measured in the same run (the best of 5 copies of 256 MiB, bytes read + written);
+  the first one not averaged; beside it ``decode_floor_ms_per_token``, the time to read once the bytes every step
+  must read (the LLM's weights but its embedding table, of which a step reads one row, and the cached keys and
+  values), measured in the same run two ways and the shorter kept: ``read_floor_ms``, a vectorised max over those very
+  tensors (the best of one pass before each step and after the last), and those bytes over ``copy_bandwidth_gb_s``
+  (the best of 5 copies of 256 MiB, bytes read + written);
 - ``locate_estimate_s`` (tower + prefill + 24 decode steps) and ``segment_estimate_s`` (SAM encoder + mask decoder).
 
 Modes: ``bfloat16`` (every part bfloat16), ``auto`` (what ``--dtype auto`` plans on this CPU) and ``int8`` (the LLM's
@@ -42,6 +44,7 @@ import torch
 
 from benchmarks.random_checkpoint import is_complete, write_random_checkpoint
 from benchmarks.sampled_depth import time_sampled
+from nextchat import int8_matvec
 from nextchat.configuration import PRESETS
 from nextchat.kv_cache import BatchKVCache
 from nextchat.loading import load_config, load_weights
@@ -154,8 +157,9 @@ def prefill_stage(model: NextChatModel, prompt: int, per_kind: int) -> dict[str,
     return time_sampled(model, LLM_BLOCKS, prefill, per_kind).as_dict()
 
 
-def decode_step_ms(model: NextChatModel, context: int, steps: int) -> list[float]:
-    """Milliseconds of each of ``steps`` single-row decode steps (the engine's path) after ``context`` positions.
+def decode_step_ms(model: NextChatModel, context: int, steps: int) -> tuple[list[float], float]:
+    """Milliseconds of each of ``steps`` single-row decode steps (the engine's path) after ``context`` positions, and
+    the best time to read the bytes a step reads (:func:`read_once_ms`), taken before each step and after the last.
 
     The cache holds random keys and values instead of a prefill's: a step's cost is its weight reads and its
     attention over ``context`` columns, whatever the values are.
@@ -166,7 +170,10 @@ def decode_step_ms(model: NextChatModel, context: int, steps: int) -> list[float
         [(torch.randn(shape, dtype=model.dtype), torch.randn(shape, dtype=model.dtype))] * cache.num_layers,
         torch.ones(1, context, dtype=torch.long),
     )
-    step_ms = []
+    step_tensors = [*step_read_tensors(model)]
+    for layer in range(cache.num_layers):
+        step_tensors += [cache.keys[layer][:1, :, :context], cache.values[layer][:1, :, :context]]
+    step_ms, read_ms = [], [read_once_ms(step_tensors)]
     for step in range(steps):
         embeds = torch.randn(1, 1, model.config.hidden_size, dtype=model.dtype) * 0.02
         positions = torch.tensor([[context + step]])
@@ -176,7 +183,19 @@ def decode_step_ms(model: NextChatModel, context: int, steps: int) -> list[float
             cache.end_step()
 
         step_ms.append(1000 * _timed(one_step))
-    return step_ms
+        read_ms.append(read_once_ms(step_tensors))
+    return step_ms, min(read_ms)
+
+
+def read_once_ms(tensors: list[torch.Tensor]) -> float:
+    """Milliseconds to read every byte of ``tensors`` once from memory: a vectorised max over each (as 32-bit words
+    where the bytes allow), on torch's threads, as a decode step's kernels would read them."""
+    start = time.perf_counter()
+    for tensor in tensors:
+        flat = tensor.contiguous().reshape(-1).view(torch.uint8) if tensor.is_contiguous() else tensor
+        words = flat.view(torch.int32) if flat.dtype == torch.uint8 and flat.numel() % 4 == 0 else flat
+        words.max()
+    return 1000 * (time.perf_counter() - start)
 
 
 def tensor_bytes(model: torch.nn.Module, prefixes: tuple[str, ...] = ("",), skip: tuple[str, ...] = ()) -> int:
@@ -189,10 +208,15 @@ def tensor_bytes(model: torch.nn.Module, prefixes: tuple[str, ...] = ("",), skip
     )
 
 
-def step_read_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads from the LLM's weights: all of them but the embedding table (one row of it)."""
+def step_read_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What a decode step reads from the LLM's weights: all of it but the embedding table (one row of it)."""
     prefixes = ("model.layers.", "model.norm.", "lm_head.")
-    return tensor_bytes(model, prefixes)
+    return [t for name, t in (*model.named_parameters(), *model.named_buffers()) if name.startswith(prefixes)]
+
+
+def step_read_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads from the LLM's weights (:func:`step_read_tensors`)."""
+    return sum(t.numel() * t.element_size() for t in step_read_tensors(model))
 
 
 def cache_read_bytes(model: NextChatModel, context: int) -> int:
@@ -237,15 +261,20 @@ def measure(directory: Path, mode: str, prompt: int, steps: int, per_kind: int, 
     if vision:
         result.update(vision_stages(model, per_kind))
     result["prefill"] = prefill_stage(model, prompt, per_kind)
-    result["decode_step_ms"] = step_ms = decode_step_ms(model, prompt, steps)
+    step_ms, read_ms = decode_step_ms(model, prompt, steps)
+    result["decode_step_ms"] = step_ms
     steady = step_ms[1:] or step_ms  # the first step pays one-off costs (allocations)
     result["decode_ms_per_token"] = sum(steady) / len(steady)
     result["decode_best_ms_per_token"] = min(steady)
     bandwidth = copy_bandwidth_bytes_per_s()
     result["copy_bandwidth_gb_s"] = bandwidth / 1e9
     result["step_read_bytes"] = read = step_read_bytes(model) + cache_read_bytes(model, prompt)
-    result["decode_floor_ms_per_token"] = 1000 * read / bandwidth
+    result["read_floor_ms"] = read_ms
+    result["read_bandwidth_gb_s"] = read / read_ms / 1e6
+    result["decode_floor_ms_per_token"] = min(read_ms, 1000 * read / bandwidth)
     result["decode_over_floor"] = result["decode_ms_per_token"] / result["decode_floor_ms_per_token"]
+    result["int8_kernel"] = int8_matvec.unavailable_reason() or "nextchat.int8_matvec"
+    result["attention"] = model.model.config._attn_implementation
     result["locate_estimate_s"] = result["prefill"]["estimate_s"] + NEW_TOKENS * result["decode_ms_per_token"] / 1000
     if vision:
         result["locate_estimate_s"] += result["vision_tower"]["estimate_s"]

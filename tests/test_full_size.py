@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.full_size import run
+from nextchat import int8_matvec
 
 
 @pytest.mark.slow
@@ -19,6 +20,10 @@ def test_full_size_benchmark_runs_each_mode_in_a_fresh_process(tmp_path: Path) -
         assert mode["load_s"] > 0 and mode["plain_read_s"] > 0
         assert mode["peak_rss_anon_gib"] * 2**30 > mode["weight_bytes"] > 0
         assert len(mode["decode_step_ms"]) == 2 and mode["decode_floor_ms_per_token"] > 0
+        # The floor is the shorter of one read of the step's own tensors and its bytes at the copy bandwidth.
+        copy_floor_ms = mode["step_read_bytes"] / mode["copy_bandwidth_gb_s"] / 1e6
+        assert mode["decode_floor_ms_per_token"] == pytest.approx(min(mode["read_floor_ms"], copy_floor_ms))
+        assert mode["attention"] == "nextchat_sdpa"
         assert mode["prefill"]["blocks_run"] == 1 and mode["prefill"]["estimate_s"] > mode["prefill"]["measured_s"]
     # The vision stages are the same in every mode: timed in the first one only.
     assert bf16["sam_encoder"]["blocks_run"] == 2 and bf16["sam_encoder"]["blocks_total"] == 4  # windowed + global
@@ -26,6 +31,7 @@ def test_full_size_benchmark_runs_each_mode_in_a_fresh_process(tmp_path: Path) -
     assert "sam_encoder" not in int8
     assert bf16["dtypes"]["llm"] == "torch.bfloat16" and int8["quantize"] == "int8"
     assert int8["step_read_bytes"] < 0.7 * bf16["step_read_bytes"]  # int8 layer linears: about half
+    assert int8["int8_kernel"] == (int8_matvec.unavailable_reason() or "nextchat.int8_matvec")
     # A second run finds the complete checkpoint and does not rewrite it.
     again = run("bench-mid", tmp_path / "ckpt", [], prompt=4, steps=1, results=tmp_path)
     assert "write_s" not in again and again["modes"] == []
