@@ -70,14 +70,13 @@ def library() -> ctypes.CDLL | None:
     if reason := unavailable_reason():
         log.info("int8 decode kernel: torch's (%s)", reason)
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int8_matvec-{digest}.so"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     try:
+        target = cache_dir() / f"int8_matvec-{digest}.so"  # RuntimeError: no home directory to cache in
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("int8 decode kernel: torch's (building %s failed: %s)", SOURCE.name, error)
         return None
     function = lib.nextchat_int8_matvec
