@@ -44,7 +44,7 @@ import torch
 
 from benchmarks.random_checkpoint import is_complete, write_random_checkpoint
 from benchmarks.sampled_depth import time_sampled
-from nextchat import int8_matvec
+from nextchat import cpu_kernels
 from nextchat.configuration import PRESETS
 from nextchat.kv_cache import BatchKVCache
 from nextchat.loading import load_config, load_weights
@@ -273,7 +273,7 @@ def measure(directory: Path, mode: str, prompt: int, steps: int, per_kind: int, 
     result["read_bandwidth_gb_s"] = read / read_ms / 1e6
     result["decode_floor_ms_per_token"] = min(read_ms, 1000 * read / bandwidth)
     result["decode_over_floor"] = result["decode_ms_per_token"] / result["decode_floor_ms_per_token"]
-    result["int8_kernel"] = int8_matvec.unavailable_reason() or "nextchat.int8_matvec"
+    result["int8_kernel"] = cpu_kernels.unavailable_reason() or "nextchat.cpu_kernels"
     result["attention"] = model.model.config._attn_implementation
     result["locate_estimate_s"] = result["prefill"]["estimate_s"] + NEW_TOKENS * result["decode_ms_per_token"] / 1000
     if vision:

@@ -1,9 +1,10 @@
 """The language model's attention function: torch's SDPA, except for single-query steps on a CPU.
 
 A decode step attends one new query per row to every cached key. On a CPU, SDPA takes 2–4 ms a layer for that in
-bfloat16 at 600 cached positions (its fused kernels are built for many queries), against 0.4 ms for the two batched
-products written out here: 32 layers make that ~100 ms of a step that the weights alone make ~200 ms long. Every other
-case (prompts, CUDA, MPS) is SDPA's, unchanged.
+bfloat16 at 600 cached positions of the 7B (its fused kernels are built for many queries), and two batched products
+about 2 ms: 32 layers make that 60–120 ms of a step whose weights take ~130 ms to read. There
+:func:`nextchat.cpu_kernels.single_query_attention` reads the keys and values once, in place; where it cannot run,
+the two products written out here do. Every other case (prompts, CUDA, MPS) is SDPA's, unchanged.
 
 The function is registered with transformers' attention interface under :data:`NAME`, and the model's LLaMA config
 names it; its mask format is SDPA's.
@@ -17,6 +18,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from nextchat import cpu_kernels
 
 
 NAME = "nextchat_sdpa"
@@ -41,7 +44,9 @@ def attention(
     """
     if query.shape[2] != 1 or query.device.type != "cpu" or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return single_query_attention(query, key, value, attention_mask, scaling), None
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = cpu_kernels.single_query_attention(query, key, value, attention_mask, scale)
+    return (single_query_attention(query, key, value, attention_mask, scale) if out is None else out), None
 
 
 def single_query_attention(

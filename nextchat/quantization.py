@@ -6,7 +6,7 @@ quantizing vision encoders is known to cost accuracy. ``lm_head`` stays 16-bit t
 integration leaves it: it is the one layer whose rounding lands directly on the logits, and it is 2 % of the LLM.
 
 - ``int8`` on a CPU: symmetric per-output-channel int8 weights, read as they are (a decode step moves half the bytes
-  of bfloat16). One or two rows (a decode step) go through :mod:`nextchat.int8_matvec`, a kernel that streams the
+  of bfloat16). One or two rows (a decode step) go through :mod:`nextchat.cpu_kernels`, a kernel that streams the
   weight at memory speed, where it can be built; up to 16 rows, or where it cannot, through torch's own
   ``aten._weight_int8pack_mm``. Prompts of many positions widen the weight to the activation dtype once per call and
   use the dense GEMM: there the multiply, not the weight traffic, is the cost, and the int8 kernels are slower per
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nextchat import int8_matvec
+from nextchat import cpu_kernels
 
 
 QUANTIZE_MODES = ("none", "int8", "nf4")
@@ -85,7 +85,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         scale = self.scale.to(x.dtype)
         if rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            out = int8_matvec.matvec(rows, self.qweight, scale)
+            out = cpu_kernels.int8_matvec(rows, self.qweight, scale)
             if out is None:
                 out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, scale)
         else:

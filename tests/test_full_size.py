@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.full_size import run
-from nextchat import int8_matvec
+from nextchat import cpu_kernels
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_full_size_benchmark_runs_each_mode_in_a_fresh_process(tmp_path: Path) -
     assert "sam_encoder" not in int8
     assert bf16["dtypes"]["llm"] == "torch.bfloat16" and int8["quantize"] == "int8"
     assert int8["step_read_bytes"] < 0.7 * bf16["step_read_bytes"]  # int8 layer linears: about half
-    assert int8["int8_kernel"] == (int8_matvec.unavailable_reason() or "nextchat.int8_matvec")
+    assert int8["int8_kernel"] == (cpu_kernels.unavailable_reason() or "nextchat.cpu_kernels")
     # A second run finds the complete checkpoint and does not rewrite it.
     again = run("bench-mid", tmp_path / "ckpt", [], prompt=4, steps=1, results=tmp_path)
     assert "write_s" not in again and again["modes"] == []

@@ -1,13 +1,15 @@
-/* Decode-step products with int8 weights on x86 CPUs with AVX2: out[m, n] = scale[n] * sum_k x[m, k] * weight[n, k].
+/* Decode-step kernels for x86 CPUs with AVX2 (loaded by nextchat/cpu_kernels.py, which builds this file with the
+ * system C compiler at first use; torch's kernels run where it cannot).
  *
- * A decode step multiplies a few activation rows by every weight of the language model, so its speed is how fast
- * the weights stream from memory. Each weight row is read once and used for every activation row while it sits in
- * L1. The activations are rounded to int16 per row (steps of absmax / 16383: as fine as bfloat16's or finer for every
- * value at least 1/64 of the row's largest), so the inner loop is sign-extend, multiply-add pairs, add: 16 weights an
- * instruction, with no float conversion of the weight.
+ * A decode step multiplies a few activation rows by every weight of the language model and attends one query per
+ * row to every cached key, so its speed is how fast those bytes stream from memory.
  *
- * Built at first use by nextchat/int8_matvec.py with the system C compiler; torch's own kernel is used when it is
- * not available.
+ * nextchat_int8_matvec: out[m, n] = scale[n] * sum_k x[m, k] * weight[n, k], weight int8. Each weight row is read once
+ * and used for every activation row while it sits in L1. The activations are rounded to int16 per row (steps of
+ * absmax / 16383: as fine as bfloat16's or finer for every value at least 1/64 of the row's largest), so the inner
+ * loop is sign-extend, multiply-add pairs, add: 16 weights an instruction, with no float conversion of the weight.
+ *
+ * nextchat_single_query_attention: below.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -126,6 +128,65 @@ int nextchat_int8_matvec(const void* x, int kind, int rows, int k_len, const int
             store(out, kind, (long)(m + 1) * n_len + n, sums[1] * x_step[m + 1] * row_scale);
         }
         if (m < rows) store(out, kind, (long)m * n_len + n, dot(row, xq + (long)m * k_len, k_len) * x_step[m] * row_scale);
+    }
+    return 0;
+}
+
+/* Single-query attention for decode steps, one (row, head) per task:
+ *   out[b, h] = softmax_j(scale * q[b, h] . k[b, h / group, j]) . v[b, h / group, j], over the j that mask[b, j] allows.
+ * q [rows, heads, head_dim] and out are float32 and contiguous; k and v (bfloat16 or float32 by `kind`) are read
+ * through element strides (row, head, position; the last dimension is contiguous), so the cache's step window, a
+ * view, is read in place. mask [rows, positions] (bytes, row stride mask_row) may be NULL. scores: scratch of
+ * rows * heads * positions floats. head_dim % 8 == 0. A row with no allowed position gets NaN, as softmax over
+ * nothing does. */
+static inline __m256 load8(const void* base, int kind, long i) {
+    if (kind == KIND_BF16) {
+        __m128i bits = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    }
+    return _mm256_loadu_ps((const float*)base + i);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+    return _mm_cvtss_f32(s);
+}
+
+int nextchat_single_query_attention(const float* q, const void* k, const void* v, int kind, const long* k_strides,
+                                    const long* v_strides, const uint8_t* mask, long mask_row, int rows, int heads,
+                                    int kv_heads, int positions, int head_dim, float scale, float* out,
+                                    float* scores, int threads) {
+    if (head_dim % 8 != 0 || head_dim > 256 || heads % kv_heads != 0) return -1;
+    int group = heads / kv_heads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int task = 0; task < rows * heads; ++task) {
+        int b = task / heads, h = task % heads, kvh = h / group;
+        const float* query = q + (long)task * head_dim;
+        float* s = scores + (long)task * positions;
+        long k_base = b * k_strides[0] + kvh * k_strides[1], v_base = b * v_strides[0] + kvh * v_strides[1];
+        float best = -INFINITY;
+        for (int j = 0; j < positions; ++j) {
+            if (mask && !mask[b * mask_row + j]) { s[j] = -INFINITY; continue; }
+            __m256 acc = _mm256_setzero_ps();
+            long at = k_base + j * k_strides[2];
+            for (int d = 0; d < head_dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), load8(k, kind, at + d), acc);
+            s[j] = sum8(acc) * scale;
+            best = fmaxf(best, s[j]);
+        }
+        float total = 0.f;
+        for (int j = 0; j < positions; ++j) { s[j] = s[j] == -INFINITY ? 0.f : expf(s[j] - best); total += s[j]; }
+        __m256 acc[32];
+        for (int d = 0; d < head_dim / 8; ++d) acc[d] = _mm256_setzero_ps();
+        for (int j = 0; j < positions; ++j) {
+            if (s[j] == 0.f) continue;
+            __m256 p = _mm256_set1_ps(s[j]);
+            long at = v_base + j * v_strides[2];
+            for (int d = 0; d < head_dim / 8; ++d) acc[d] = _mm256_fmadd_ps(p, load8(v, kind, at + 8 * d), acc[d]);
+        }
+        float inverse = 1.f / total; /* total == 0 (nothing allowed): inf, and 0 * inf gives the NaN softmax gives */
+        for (int d = 0; d < head_dim / 8; ++d) _mm256_storeu_ps(out + (long)task * head_dim + 8 * d, _mm256_mul_ps(acc[d], _mm256_set1_ps(inverse)));
     }
     return 0;
 }

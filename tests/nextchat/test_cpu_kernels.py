@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nextchat import int8_matvec
+from nextchat import cpu_kernels
 from nextchat.quantization import Int8Linear
 
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    if reason := int8_matvec.unavailable_reason():
+    if reason := cpu_kernels.unavailable_reason():
         pytest.skip(f"the int8 kernel cannot run here: {reason}")
-    assert int8_matvec.library() is not None, "an x86-64 AVX2 machine with a C compiler must build the kernel"
+    assert cpu_kernels.library() is not None, "an x86-64 AVX2 machine with a C compiler must build the kernel"
 
 
 def quantized(out_features: int, in_features: int, dtype: torch.dtype, seed: int = 0):
@@ -37,7 +37,7 @@ def test_the_kernel_computes_the_int8_product(kernel, dtype: torch.dtype, rows: 
     qweight, scale, generator = quantized(37, in_features, dtype)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
     x[:, 5] *= 40  # an outlier channel, as LLaMA's activations have
-    out = int8_matvec.matvec(x, qweight, scale)
+    out = cpu_kernels.int8_matvec(x, qweight, scale)
     assert out is not None and out.dtype == dtype and out.shape == (rows, 37)
     expected = reference(x, qweight, scale)
 
@@ -59,7 +59,7 @@ def test_long_rows_sum_without_integer_overflow(kernel) -> None:
     qweight = torch.full((2, width), 127, dtype=torch.int8)
     qweight[1] = -127
     scale = torch.ones(2)
-    out = int8_matvec.matvec(torch.ones(1, width), qweight, scale)
+    out = cpu_kernels.int8_matvec(torch.ones(1, width), qweight, scale)
     assert out is not None
     expected = torch.tensor([[127.0 * width, -127.0 * width]])
     assert torch.allclose(out, expected, rtol=1e-6, atol=0)
@@ -67,15 +67,15 @@ def test_long_rows_sum_without_integer_overflow(kernel) -> None:
 
 def test_inputs_the_kernel_does_not_take_go_to_torch(kernel) -> None:
     qweight, scale, _ = quantized(8, 32, torch.float32)
-    assert int8_matvec.matvec(torch.ones(3, 32), qweight, scale) is None  # more rows than a decode step
-    assert int8_matvec.matvec(torch.ones(1, 32).half(), qweight, scale.half()) is None
+    assert cpu_kernels.int8_matvec(torch.ones(3, 32), qweight, scale) is None  # more rows than a decode step
+    assert cpu_kernels.int8_matvec(torch.ones(1, 32).half(), qweight, scale.half()) is None
     odd, odd_scale, _ = quantized(8, 40, torch.float32)
-    assert int8_matvec.matvec(torch.ones(1, 40), odd, odd_scale) is None  # width not a multiple of 16
-    assert int8_matvec.matvec(torch.ones(1, 64)[:, ::2], qweight, scale) is not None  # strided input is copied
+    assert cpu_kernels.int8_matvec(torch.ones(1, 40), odd, odd_scale) is None  # width not a multiple of 16
+    assert cpu_kernels.int8_matvec(torch.ones(1, 64)[:, ::2], qweight, scale) is not None  # strided input is copied
     for bad in (float("nan"), float("inf")):
         x = torch.ones(1, 32)
         x[0, 3] = bad
-        assert int8_matvec.matvec(x, qweight, scale) is None
+        assert cpu_kernels.int8_matvec(x, qweight, scale) is None
 
 
 def test_a_layer_carries_nan_like_torch(kernel) -> None:
@@ -88,14 +88,14 @@ def test_a_layer_carries_nan_like_torch(kernel) -> None:
 
 def test_the_kernel_is_built_into_the_cache_directory(kernel, tmp_path: Path) -> None:
     target = tmp_path / "kernels" / "int8_matvec-test.so"
-    int8_matvec._build(target)
+    cpu_kernels._build(target)
     assert target.is_file()
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no partial file left behind
 
 
 def test_the_environment_can_choose_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NEXTCHAT_INT8_KERNEL", "torch")
-    assert int8_matvec.unavailable_reason() == "NEXTCHAT_INT8_KERNEL=torch"
-    monkeypatch.setenv("NEXTCHAT_INT8_KERNEL", "")
+    monkeypatch.setenv("NEXTCHAT_CPU_KERNELS", "torch")
+    assert cpu_kernels.unavailable_reason() == "NEXTCHAT_CPU_KERNELS=torch"
+    monkeypatch.setenv("NEXTCHAT_CPU_KERNELS", "")
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert int8_matvec.unavailable_reason() == "no C compiler (set CC)"
+    assert cpu_kernels.unavailable_reason() == "no C compiler (set CC)"
