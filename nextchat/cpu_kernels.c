@@ -9,6 +9,8 @@
  * absmax / 16383: as fine as bfloat16's or finer for every value at least 1/64 of the row's largest), so the inner
  * loop is sign-extend, multiply-add pairs, add: 16 weights an instruction, with no float conversion of the weight.
  *
+ * nextchat_bf16_matvec: the same product with a bfloat16 weight (the language model's head, which stays 16-bit).
+ *
  * nextchat_single_query_attention: below.
  */
 #include <immintrin.h>
@@ -152,6 +154,35 @@ static inline float sum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
     return _mm_cvtss_f32(s);
+}
+
+/* out[m, n] = sum_k x[m, k] * weight[n, k] for one or two rows m; x [rows, k_len] float32 (the caller widens it),
+ * weight [n_len, k_len] bfloat16, out [rows, n_len] float32. Returns -1 unless k_len % 8 == 0 and rows is 1 or 2. */
+int nextchat_bf16_matvec(const float* x, int rows, int k_len, const uint16_t* weight, int n_len, float* out,
+                         int threads) {
+    if (k_len % 8 != 0 || rows < 1 || rows > 2) return -1;
+    const float* x1 = x + (rows == 2 ? k_len : 0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < n_len; ++n) {
+        const uint16_t* row = weight + (long)n * k_len;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        int k = 0;
+        for (; k + 16 <= k_len; k += 16) {
+            __m256 w0 = load8(row, KIND_BF16, k), w1 = load8(row, KIND_BF16, k + 8);
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
+            b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), b0);
+            b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + k + 8), b1);
+        }
+        for (; k < k_len; k += 8) {
+            __m256 w0 = load8(row, KIND_BF16, k);
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
+            b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), b0);
+        }
+        out[n] = sum8(_mm256_add_ps(a0, a1));
+        if (rows == 2) out[(long)n_len + n] = sum8(_mm256_add_ps(b0, b1));
+    }
+    return 0;
 }
 
 int nextchat_single_query_attention(const float* q, const void* k, const void* v, int kind, const long* k_strides,

@@ -8,6 +8,7 @@ bfloat16 cache at a tenth; the faster library int8 kernels (fbgemm's dynamically
 ``benchmarks/NOTES.md``). Two kernels stream their bytes at about memory speed instead:
 
 - :func:`int8_matvec`: one or two activation rows times an int8 weight, with 16-bit activations;
+- :func:`bf16_matvec`: one or two rows times a bfloat16 weight (the language model's head stays 16-bit);
 - :func:`single_query_attention`: one query per row over the cache's step window, read in place.
 
 They are used where they can be: an x86-64 CPU with AVX2, a C compiler (``$CC``, else ``cc``), float32 or bfloat16
@@ -92,7 +93,10 @@ def library() -> ctypes.CDLL | None:
         *[pointer] * 3, integer, pointer, pointer, pointer, ctypes.c_long, *[integer] * 5, ctypes.c_float,
         pointer, pointer, integer,
     ]  # fmt: skip
-    lib.nextchat_int8_matvec.restype = lib.nextchat_single_query_attention.restype = integer
+    # x, rows, k_len, weight, n_len, out, threads
+    lib.nextchat_bf16_matvec.argtypes = [pointer, integer, integer, pointer, integer, pointer, integer]
+    for function in (lib.nextchat_int8_matvec, lib.nextchat_bf16_matvec, lib.nextchat_single_query_attention):
+        function.restype = integer
     return lib
 
 
@@ -152,6 +156,36 @@ def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
         x.data_ptr(), kind, rows, width, qweight.data_ptr(), scale.data_ptr(), qweight.shape[0],
         out.data_ptr(), scratch.data_ptr(), steps.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    return out if status == 0 else None
+
+
+def bf16_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` in float32 with the kernel, or ``None`` when it cannot take these inputs.
+
+    Args:
+        x: ``[rows, in]`` on the CPU (widened to float32), ``rows`` ≤ :data:`INT8_MAX_ROWS`, ``in`` a multiple of 8.
+        weight: ``[out, in]`` bfloat16, contiguous.
+
+    Returns:
+        ``[rows, out]`` float32.
+    """
+    rows, width = x.shape
+    fits = (
+        x.device.type == weight.device.type == "cpu"
+        and 0 < rows <= INT8_MAX_ROWS
+        and width % 8 == 0
+        and weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and weight.shape[1] == width
+    )
+    lib = library() if fits else None
+    if lib is None:
+        return None
+    x = x.float().contiguous()
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    status = lib.nextchat_bf16_matvec(
+        x.data_ptr(), rows, width, weight.data_ptr(), weight.shape[0], out.data_ptr(), torch.get_num_threads()
+    )
     return out if status == 0 else None
 
 
