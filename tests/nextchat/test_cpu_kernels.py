@@ -3,6 +3,7 @@ run."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,40 @@ def test_the_environment_can_choose_torchs_kernel(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("NEXTCHAT_CPU_KERNELS", "")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert cpu_kernels.unavailable_reason() == "no C compiler (set CC)"
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_the_bfloat16_matvec_is_the_float_product(kernel, rows: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(53, 4096 + 24, generator=generator).bfloat16()  # a tail of 8s
+    x = torch.randn(rows, 4096 + 24, generator=generator).bfloat16()
+    out = cpu_kernels.bf16_matvec(x, weight)
+    assert out is not None and out.dtype == torch.float32 and out.shape == (rows, 53)
+    expected = x.double() @ weight.double().T
+    assert ((out.double() - expected).norm() / expected.norm()) < 1e-6  # float32 sums of exact products
+
+
+def test_the_bfloat16_matvec_leaves_other_inputs_to_torch(kernel) -> None:
+    weight = torch.randn(8, 32).bfloat16()
+    assert cpu_kernels.bf16_matvec(torch.ones(3, 32), weight) is None  # more rows than a decode step
+    assert cpu_kernels.bf16_matvec(torch.ones(1, 32), weight.float()) is None  # a float32 head: torch's GEMV
+    assert cpu_kernels.bf16_matvec(torch.ones(1, 12), torch.randn(8, 12).bfloat16()) is None  # width % 8
+    assert cpu_kernels.bf16_matvec(torch.ones(1, 64), torch.randn(8, 64).bfloat16()[:, :32]) is None  # strided weight
+
+
+def test_a_bfloat16_decode_step_gives_the_heads_logits(kernel, tiny_parts) -> None:
+    """The decode step's logits come from the kernel and equal the head's own product."""
+    from nextchat.kv_cache import BatchKVCache
+
+    model = copy.deepcopy(tiny_parts[0]).to(torch.bfloat16)
+    cache = BatchKVCache.for_config(model.model.config, model.dtype, model.device)
+    shape = (1, cache.kv_heads, 3, cache.head_dim)
+    generator = torch.Generator().manual_seed(2)
+    keys = [(torch.randn(shape, generator=generator).bfloat16(), torch.randn(shape, generator=generator).bfloat16())]
+    cache.append(keys * cache.num_layers, torch.ones(1, 3, dtype=torch.long))
+    embeds = torch.randn(1, 1, model.config.hidden_size, generator=generator).bfloat16()
+    with torch.no_grad():
+        hidden, logits = model.decode_step(embeds, torch.tensor([[3]]), cache.begin_step(), cache)
+        expected = hidden.double() @ model.lm_head.weight.double().T
+    assert logits.dtype == torch.float32
+    assert ((logits.double() - expected).norm() / expected.norm()) < 1e-6  # torch's bfloat16 GEMV rounds to 2^-9
