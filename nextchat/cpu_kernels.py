@@ -118,6 +118,11 @@ def _build(target: Path) -> None:
         Path(partial).unlink(missing_ok=True)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would want a graph through these (the kernels make none: torch runs instead)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """``x @ (qweight * scale[:, None]).T`` with the kernel, or ``None`` when it cannot take these inputs.
 
@@ -133,6 +138,7 @@ def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     rows, width = x.shape
     fits = (
         kind is not None
+        and not _needs_grad(x, scale)
         and x.device.type == "cpu"
         and 0 < rows <= INT8_MAX_ROWS
         and width % 16 == 0
@@ -171,7 +177,8 @@ def bf16_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """
     rows, width = x.shape
     fits = (
-        x.device.type == weight.device.type == "cpu"
+        not _needs_grad(x, weight)
+        and x.device.type == weight.device.type == "cpu"
         and 0 < rows <= INT8_MAX_ROWS
         and width % 8 == 0
         and weight.dtype == torch.bfloat16
@@ -212,6 +219,7 @@ def single_query_attention(
     fits = (
         kind is not None
         and mask_fits
+        and not _needs_grad(query, key, value)
         and query.device.type == "cpu"
         and queries == 1
         and head_dim % 8 == 0

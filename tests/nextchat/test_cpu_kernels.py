@@ -137,3 +137,14 @@ def test_a_bfloat16_decode_step_gives_the_heads_logits(kernel, tiny_parts) -> No
         expected = hidden.double() @ model.lm_head.weight.double().T
     assert logits.dtype == torch.float32
     assert ((logits.double() - expected).norm() / expected.norm()) < 1e-6  # torch's bfloat16 GEMV rounds to 2^-9
+
+
+def test_tensors_that_need_a_graph_go_to_torch(kernel) -> None:
+    """The kernels make no autograd graph: where one is wanted, torch's kernels run and gradients flow."""
+    weight = torch.randn(8, 32).bfloat16().requires_grad_()
+    x = torch.ones(1, 32)
+    assert cpu_kernels.bf16_matvec(x, weight) is None
+    with torch.no_grad():
+        assert cpu_kernels.bf16_matvec(x, weight) is not None
+    query, keys = torch.randn(1, 4, 1, 8, requires_grad=True), torch.randn(1, 4, 6, 8)
+    assert cpu_kernels.single_query_attention(query, keys, keys, None, 0.3) is None
