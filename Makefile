@@ -4,6 +4,7 @@
 # make test-slow — the suite with the full-count reliability runs (fuzz, soak, memory; see docs/reliability.md)
 # make bench-full-size — the 7B's shapes on this CPU (random weights under /work/fullsize/ckpt, ~15 GB): load time,
 #   peak memory, stage timings, decode ms/token against the memory-bandwidth floor, in bfloat16 and int8
+# make bench-cpu-kernels — the decode step's CPU kernels beside torch's at the 7B's shapes (speed and error), ~1 min
 # make bench-cluster — req/s of the server on Ray Serve with 1 and 2 model replicas against the single process
 #                     (installs the cluster extra, ray[serve] and redis; needs redis-server), a few minutes
 # make lint  — ruff (lint, complexity, format) on every package, pyright (strict on mcp_server/), tools_schema/ drift
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.installed
 CLUSTER_STAMP := $(VENV)/.cluster-installed
 LINTED := nextchat mcp_server benchmarks examples tests
 
-.PHONY: test test-slow demo lint install clean bench bench-cluster bench-full-size install-cluster
+.PHONY: test test-slow demo lint install clean bench bench-cluster bench-full-size bench-cpu-kernels install-cluster
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -53,6 +54,9 @@ bench-cluster: $(CLUSTER_STAMP)
 
 bench-full-size: $(STAMP)
 	nice -n 5 $(PY) -m benchmarks.full_size
+
+bench-cpu-kernels: $(STAMP)
+	$(PY) -m benchmarks.cpu_kernels
 
 # pyright reads mcp_server/cluster/ and mcp_server/redis_store.py, which import the cluster extra.
 lint: $(CLUSTER_STAMP)
