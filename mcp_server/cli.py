@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from mcp_server import stdio_lines
 from mcp_server.call_command import call_main
 from mcp_server.http_auth import ASGIApp, bearer_guard
 from mcp_server.settings import OptionParser, Settings
@@ -140,13 +141,15 @@ class ToolCallTracker:
         return self.in_progress == 0
 
 
-class StdinRelay:
-    """The stdio transport's input, read from a pipe that a daemon thread fills from the real stdin.
+class StdioRelay:
+    """The stdio transport's streams while serving: ``sys.stdin`` is a pipe that a daemon thread fills from the real
+    stdin, line by line; ``sys.stdout`` hands the SDK a writer of whole lines on the wire.
 
     The SDK reads stdin in a worker thread that nothing can interrupt, so while a client keeps stdin open the server
     could never stop on its own (SIGTERM, device failure). Through this pipe, :meth:`close` gives the server end of
     input, exactly as a client closing stdin does; the thread still blocked on the real stdin is a daemon and does
-    not hold the process.
+    not hold the process. Each line is screened on the way (:func:`mcp_server.stdio_lines.screen`): a malformed
+    request is answered on the wire instead of reaching the SDK, which would drop it unanswered.
     """
 
     def __init__(self) -> None:
@@ -154,23 +157,53 @@ class StdinRelay:
         self.reader = io.TextIOWrapper(os.fdopen(read_fd, "rb"), encoding="utf-8", errors="replace")
         self._lock = threading.Lock()
         self._closed = False
+        self._previous: tuple[Any, Any] | None = None
+        self._wire: stdio_lines.ProtocolOut | None = None
 
     def start(self) -> None:
+        """Take over stdin and stdout (until :meth:`restore`) and start relaying."""
+        self._wire = stdio_lines.ProtocolOut.divert()
+        self._previous = sys.stdin, sys.stdout
+        sys.stdin, sys.stdout = self.reader, self._wire.stand_in
         threading.Thread(target=self._copy, name="stdin-relay", daemon=True).start()
 
+    def restore(self) -> None:
+        """Give stdin and stdout back and end the input."""
+        if self._previous is not None and self._wire is not None:
+            sys.stdin, sys.stdout = self._previous
+            self._wire.restore()
+        self.close()
+
     def _copy(self) -> None:
+        pending = bytearray()
         try:
             while chunk := os.read(0, 1 << 16):
-                with self._lock:
-                    if self._closed:
-                        return
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(self._write_fd, view) :]
+                searched = len(pending)  # a long line is searched for its end once, not once per chunk
+                pending += chunk
+                start = 0
+                while (end := pending.find(b"\n", max(start, searched))) >= 0:
+                    self._relay(bytes(pending[start:end]))
+                    start = end + 1
+                del pending[:start]
+            if pending:
+                self._relay(bytes(pending))  # a last line without its newline
         except OSError:
             log.exception("reading stdin failed")
         finally:
             self.close()
+
+    def _relay(self, line: bytes) -> None:
+        forward, answer = stdio_lines.screen(line)
+        if answer is not None and self._wire is not None:
+            self._wire.write_line(answer)
+        if forward is None:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            view = memoryview(forward + b"\n")
+            while view:
+                view = view[os.write(self._write_fd, view) :]
 
     def close(self) -> None:
         """End the input the server sees (idempotent)."""
@@ -185,7 +218,7 @@ async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> i
     executor = app.executor
     tracker = ToolCallTracker()
     server.middleware.append(tracker)
-    relay = StdinRelay()
+    relay = StdioRelay()
     failed = anyio.Event()
     loop = asyncio.get_running_loop()
     status = 0
@@ -223,7 +256,6 @@ async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> i
         await tracker.wait_idle(1.0)  # the failed calls say why before the process goes
         relay.close()
 
-    previous_stdin, sys.stdin = sys.stdin, relay.reader
     relay.start()
     try:
         async with anyio.create_task_group() as task_group:
@@ -232,8 +264,7 @@ async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> i
             await server.run_stdio_async()
             task_group.cancel_scope.cancel()
     finally:
-        sys.stdin = previous_stdin
-        relay.close()
+        relay.restore()
     app.decoder.close()
     await anyio.to_thread.run_sync(executor.stop, 5.0)
     return status
