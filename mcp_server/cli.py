@@ -55,6 +55,9 @@ ANSWER_FLUSH_S = 0.2
 # long to write their answers; the process is gone by drain timeout + SHUTDOWN_MARGIN_S whatever still runs.
 LAST_ANSWERS_S = 0.5
 SHUTDOWN_MARGIN_S = 1.5
+# After a drain every admitted call has ended, so the model thread only has to leave its loop; a model still loading
+# is not waited for (it held a SIGTERM during start-up until the exit timer, drain + 1.5 s).
+STOP_AFTER_DRAIN_S = 0.5
 EXIT_BACKSTOP_S = 0.4  # after exit_soon's timer was due, the C watchdog ends the process (status 1)
 
 HTTP_PATH = "/mcp"  # where the streamable-HTTP endpoint answers
@@ -274,7 +277,7 @@ async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> i
         sys.stdin = previous_stdin
         relay.close()
     app.decoder.close()
-    await anyio.to_thread.run_sync(executor.stop, 5.0)
+    await anyio.to_thread.run_sync(executor.stop, STOP_AFTER_DRAIN_S if executor.draining else 5.0)
     return status
 
 
@@ -328,7 +331,7 @@ def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
     executor.on_fatal = on_fatal
     http.run()
     app.decoder.close()
-    executor.stop(timeout_s=1.0)
+    executor.stop(timeout_s=STOP_AFTER_DRAIN_S if executor.draining else 1.0)
     return status
 
 
