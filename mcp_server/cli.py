@@ -104,8 +104,10 @@ class _ExitWatchdog:
     def arm(cls, after_s: float) -> None:
         deadline = time.monotonic() + after_s
         if deadline < cls.deadline:
-            cls.deadline = deadline
-            faulthandler.dump_traceback_later(after_s, exit=True)
+            # Without a real stderr (None, or a stream with no file descriptor) there is no watchdog: the timer stays.
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                faulthandler.dump_traceback_later(after_s, exit=True)
+                cls.deadline = deadline
 
 
 def exit_soon(status: int, after_s: float = FATAL_EXIT_S) -> None:

@@ -1,5 +1,6 @@
 """Process lifetime over stdio, on a real subprocess with the tiny checkpoint: SIGTERM drains (admitted calls finish,
-new ones are told the server is shutting down) and exits 0; end of stdin exits 0.
+new ones are told the server is shutting down) and exits 0; end of stdin exits 0, without waiting for interpreter
+teardown; and the exit watchdog ends a process whose GIL is held.
 
 Raw JSON-RPC lines rather than the SDK client, so the test decides exactly when the signal and each call go out.
 """
