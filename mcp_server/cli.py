@@ -6,14 +6,18 @@ Process lifetime: end of stdin (stdio) stops the server, exit status 0. SIGTERM 
 "shutting down" error, admitted ones finish (up to ``--drain-timeout``; the rest fail explicitly), then it exits
 with 0; a second signal stops waiting. A device failure fails the work in flight and exits with
 :data:`EXIT_DEVICE_FAILURE` within :data:`FATAL_EXIT_S`, so a supervisor restarts the process on a clean device.
+Every exit skips interpreter finalisation (:func:`end_process`), and :func:`exit_soon` bounds one that hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import io
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -21,7 +25,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
@@ -52,6 +56,10 @@ ANSWER_FLUSH_S = 0.2
 # long to write their answers; the process is gone by drain timeout + SHUTDOWN_MARGIN_S whatever still runs.
 LAST_ANSWERS_S = 0.5
 SHUTDOWN_MARGIN_S = 1.5
+# After a drain every admitted call has ended, so the model thread only has to leave its loop; a model still loading
+# is not waited for (it held a SIGTERM during start-up until the exit timer, drain + 1.5 s).
+STOP_AFTER_DRAIN_S = 0.5
+EXIT_BACKSTOP_S = 0.4  # after exit_soon's timer was due, the C watchdog ends the process (status 1)
 
 HTTP_PATH = "/mcp"  # where the streamable-HTTP endpoint answers
 
@@ -87,9 +95,31 @@ def serve(settings: Settings) -> int:
     return serve_http(server, server.app, settings)
 
 
+class _ExitWatchdog:
+    """The last resort behind :func:`exit_soon`'s timer: :mod:`faulthandler`'s watchdog, a C thread that needs
+    neither the GIL nor a live interpreter. One per process; it keeps the earliest deadline asked for."""
+
+    deadline = math.inf
+
+    @classmethod
+    def arm(cls, after_s: float) -> None:
+        deadline = time.monotonic() + after_s
+        if deadline < cls.deadline:
+            # Without a real stderr (None, or a stream with no file descriptor) there is no watchdog: the timer stays.
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                faulthandler.dump_traceback_later(after_s, exit=True)
+                cls.deadline = deadline
+
+
 def exit_soon(status: int, after_s: float = FATAL_EXIT_S) -> None:
     """End the process with ``status`` after ``after_s`` unless it has ended by then (a thread stuck in a device
-    call, or a client that never reads, must not keep a broken server alive)."""
+    call, or a client that never reads, must not keep a broken server alive).
+
+    The timer is a Python thread: it runs only when it gets the GIL, which C code may hold, and never once
+    interpreter finalisation has begun. So :data:`EXIT_BACKSTOP_S` later, a C watchdog ends the process whatever the
+    interpreter is doing, with status 1 and every thread's traceback on stderr: the status says the exit was forced
+    and the tracebacks say what hung.
+    """
 
     def end() -> None:
         sys.stderr.flush()
@@ -98,6 +128,20 @@ def exit_soon(status: int, after_s: float = FATAL_EXIT_S) -> None:
     timer = threading.Timer(after_s, end)
     timer.daemon = True
     timer.start()
+    _ExitWatchdog.arm(after_s + EXIT_BACKSTOP_S)
+
+
+def end_process(status: int) -> NoReturn:
+    """Exit with ``status`` now, without interpreter finalisation: after a drained demo server, finalisation (from
+    the last ``atexit`` callback to the process's end) took 1.1 and 1.2 s on a quiet machine, and it freezes the
+    daemon threads, :func:`exit_soon`'s timer among them, so nothing bounded it. Everything that must outlive the
+    server is closed by then (decode workers killed, executor stopped, answers written); only buffered output is
+    left to flush."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 def exit_now(signum: int) -> None:
@@ -266,7 +310,7 @@ async def serve_stdio(server: MCPServer, app: AppState, settings: Settings) -> i
     finally:
         relay.restore()
     app.decoder.close()
-    await anyio.to_thread.run_sync(executor.stop, 5.0)
+    await anyio.to_thread.run_sync(executor.stop, STOP_AFTER_DRAIN_S if executor.draining else 5.0)
     return status
 
 
@@ -320,7 +364,7 @@ def serve_http(server: MCPServer, app: AppState, settings: Settings) -> int:
     executor.on_fatal = on_fatal
     http.run()
     app.decoder.close()
-    executor.stop(timeout_s=1.0)
+    executor.stop(timeout_s=STOP_AFTER_DRAIN_S if executor.draining else 1.0)
     return status
 
 
@@ -337,4 +381,4 @@ def main(argv: list[str] | None = None) -> None:
         "its result (`nextchat-mcp call TOOL --help` lists its options).",
     )
     settings, _ = p.parse_settings(argv)
-    raise SystemExit(serve(settings))
+    end_process(serve(settings))

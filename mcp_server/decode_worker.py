@@ -9,6 +9,11 @@ start took seconds of CPU and held torch's memory for nothing.
 ``FD`` is the worker's end of a socket pair, spoken with :class:`multiprocessing.connection.Connection`: the parent
 sends ``(data, policy, source, cpu_seconds)``; the worker answers ``("error", sentence)`` or
 ``("ok", shape, sha256, format)`` followed by the RGB pixels as raw bytes (no pickle of the array).
+
+A worker ends as soon as its parent does, even in the middle of a decode: a server that exits at once (a second
+SIGTERM, its exit timer, a crash or SIGKILL) cannot kill its workers first, and an orphan would go on decoding a bomb
+until its CPU limit. Only the parent holds the other end of the socket, so the kernel closes that end when the parent
+goes, whatever the way; a thread waits for that (``POLLRDHUP``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import sys
+import threading
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -34,6 +41,7 @@ def serve(connection: Connection, memory_bytes: int) -> None:
         os.nice(WORKER_NICENESS)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_AS, (address_space() + memory_bytes, resource.RLIM_INFINITY))
+    threading.Thread(target=end_with_parent, args=(connection.fileno(),), name="parent-watch", daemon=True).start()
     while True:
         try:
             data, policy, source, cpu_seconds = connection.recv()
@@ -51,6 +59,17 @@ def serve(connection: Connection, memory_bytes: int) -> None:
         pixels = np.ascontiguousarray(image.pixels)
         connection.send(("ok", pixels.shape, image.sha256, image.format))
         connection.send_bytes(pixels.data.cast("B"))
+
+
+def end_with_parent(fd: int) -> None:
+    """Wait (without the GIL) until the parent's end of socket ``fd`` is closed, then end this process at once."""
+    hang_up = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
+    watch = select.poll()
+    watch.register(fd, hang_up)  # not POLLIN: the parent's requests are the main thread's to read
+    while True:
+        with contextlib.suppress(InterruptedError):
+            if any(events & (hang_up | select.POLLERR | select.POLLNVAL) for _, events in watch.poll()):
+                os._exit(0)
 
 
 def address_space() -> int:

@@ -147,21 +147,36 @@ def _parents() -> dict[int, int]:
     return parents
 
 
-def decode_worker_cpu_s(server_pid: int) -> float:
-    """CPU seconds used so far by the server's decode workers: its child processes running
-    ``mcp_server.decode_worker``."""
-    total = 0.0
+def decode_workers(server_pid: int) -> list[int]:
+    """The server's decode workers: its child processes running ``mcp_server.decode_worker``."""
+    workers = []
     for pid, parent in _parents().items():
-        if parent != server_pid:
-            continue
         try:
-            if b"mcp_server.decode_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
+            if parent == server_pid and b"mcp_server.decode_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+        except OSError:
+            continue  # ended meanwhile
+    return workers
+
+
+def decode_worker_cpu_s(server_pid: int) -> float:
+    """CPU seconds used so far by the server's decode workers."""
+    total = 0.0
+    for pid in decode_workers(server_pid):
+        try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # ended meanwhile
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return total
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie waiting to be reaped has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 async def wait_until_decoding(process: Process, cpu_s: float = 0.5, within_s: float = 60.0) -> None:

@@ -1,14 +1,18 @@
 """Bounded decoding: structural caps refuse scan bombs and marker floods at once; the decode pool kills a worker at
 the call's deadline, replaces it, and keeps decoding for the next caller."""
 
+import signal
 import struct
+import sys
 import time
+from pathlib import Path
 
 import anyio
 import numpy as np
 import pytest
 from PIL import Image
-from support import CAP, encode, noise, rle8_bmp, scan_bomb
+from server_process import decode_workers, running, server_env, wait_until_decoding
+from support import CAP, encode, noise, rle8_bmp, scan_bomb, slow_bmp
 
 from mcp_server.decode_pool import TOO_LONG, DecodePool
 from mcp_server.image_io import ImageInputError, ImagePolicy
@@ -107,3 +111,38 @@ async def test_a_refused_image_leaves_its_worker_alive_for_the_next_caller(pool)
         image = await pool.decode(small, ImagePolicy(), "data", time.monotonic() + 30)
         assert np.array_equal(image.pixels, noise(64, 48))
     assert pool.replaced == 0
+
+
+# A server that ends without killing its workers first (a second SIGTERM, its exit timer, a crash, SIGKILL): the
+# workers must not go on decoding without it.
+DECODING_PARENT = """
+import sys
+import time
+
+import anyio
+
+from mcp_server.decode_pool import DecodePool
+from mcp_server.image_io import ImagePolicy
+
+data = open(sys.argv[1], "rb").read()
+anyio.run(DecodePool(workers=1).decode, data, ImagePolicy(), "data", time.monotonic() + 120)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_worker_ends_with_its_parent_even_in_the_middle_of_a_decode(tmp_path: Path) -> None:
+    (tmp_path / "slow.bmp").write_bytes(slow_bmp())
+    command = [sys.executable, "-c", DECODING_PARENT, str(tmp_path / "slow.bmp")]
+    parent = await anyio.open_process(command, env=server_env(), stderr=None)
+    try:
+        await wait_until_decoding(parent, cpu_s=0.3)
+        (worker,) = decode_workers(parent.pid)
+        parent.send_signal(signal.SIGKILL)
+        await parent.wait()
+        with anyio.fail_after(1.0):
+            while running(worker):
+                await anyio.sleep(0.02)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()

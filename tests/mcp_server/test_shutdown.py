@@ -1,15 +1,17 @@
 """Process lifetime over stdio, on a real subprocess with the tiny checkpoint: SIGTERM drains (admitted calls finish,
-new ones are told the server is shutting down) and exits 0; end of stdin exits 0.
+new ones are told the server is shutting down) and exits 0; end of stdin exits 0, without waiting for interpreter
+teardown; and the exit watchdog ends a process whose GIL is held.
 
 Raw JSON-RPC lines rather than the SDK client, so the test decides exactly when the signal and each call go out.
 """
 
 import signal
 import sys
+import time
 
 import anyio
 import pytest
-from server_process import RawSession, start, structured, tool_error
+from server_process import RawSession, server_env, start, structured, tool_error
 from support import make_image, png_data_uri
 
 
@@ -103,3 +105,66 @@ async def test_a_device_failure_fails_the_call_in_flight_and_exits_non_zero() ->
         while await session.read() is not None:  # the server leaves although the client keeps stdin open
             pass
         assert await process.wait() == EXIT_DEVICE_FAILURE
+
+
+# The served process ends without interpreter finalisation (cli.end_process): here a module-level object whose
+# finaliser never returns stands in for a slow teardown (after a drained demo server it took over 1 s, and it freezes
+# the daemon threads, the exit timer among them).
+HANGING_TEARDOWN_SERVER = """
+import sys
+import time
+
+from mcp_server.cli import main
+
+
+class TeardownThatHangs:
+    def __del__(self):
+        time.sleep(600)
+
+
+teardown = TeardownThatHangs()
+main(sys.argv[1:])
+"""
+
+
+async def test_end_of_stdin_exits_zero_without_waiting_for_interpreter_teardown(tiny_checkpoint) -> None:
+    command = [sys.executable, "-c", HANGING_TEARDOWN_SERVER, "--model", str(tiny_checkpoint)]
+    process = await anyio.open_process(command, env=server_env(), stderr=None)
+    try:
+        session = RawSession(process)
+        with anyio.fail_after(120):
+            await session.initialize()
+            await session.call(1, "status", {})
+            structured(await session.answer(1))
+            assert process.stdin is not None
+            await process.stdin.aclose()
+        with anyio.fail_after(20):  # far below the finaliser's 600 s, far above a normal exit on a busy machine
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+# The exit timer is a Python thread; C code holding the GIL (here a regular expression that backtracks for far longer
+# than the test) stops it, and then the C watchdog behind it ends the process: status 1 and every thread's traceback.
+GIL_HOLDER = """
+import re
+
+from mcp_server.cli import exit_soon
+
+exit_soon(0, 0.5)
+re.fullmatch(r"(a|aa)+b", "a" * 64)
+"""
+
+
+async def test_the_exit_watchdog_ends_a_process_whose_gil_is_held() -> None:
+    from mcp_server.cli import EXIT_BACKSTOP_S
+
+    started = time.monotonic()
+    with anyio.fail_after(30):
+        done = await anyio.run_process([sys.executable, "-c", GIL_HOLDER], env=server_env(), check=False)
+    exit_s = time.monotonic() - started
+    assert done.returncode == 1, done.stderr.decode()
+    assert "in fullmatch" in done.stderr.decode()  # the traceback says what held the process
+    assert exit_s < 0.5 + EXIT_BACKSTOP_S + 5.0  # interpreter start-up and import included, on a busy machine
