@@ -92,7 +92,8 @@ static inline float sum_lanes(__m256i a, __m256i b) {
 
 #define WIDENED(weights, off) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)((weights) + k + (off))))
 #define WEIGHTS(off) WIDENED(row, off)
-#define INPUTS(off) _mm256_loadu_si256((const __m256i*)(xq + k + (off)))
+#define ROW_INPUTS(inputs, off) _mm256_loadu_si256((const __m256i*)((inputs) + k + (off)))
+#define INPUTS(off) ROW_INPUTS(xq, off)
 
 /* sum_k row[k] * xq[k] in float; k_len % 16 == 0 */
 static float dot(const int8_t* row, const int16_t* xq, int k_len) {
@@ -113,49 +114,25 @@ static float dot(const int8_t* row, const int16_t* xq, int k_len) {
     return total;
 }
 
-/* The sums of row_a[k] * xq[k] and row_b[k] * xq[k] in one pass: two weight streams at once keep more of the
- * memory's bandwidth busy than one (measured: about 1.2x), and each activation load serves both. k_len % 16 == 0 */
-static void dot_two_rows(const int8_t* row_a, const int8_t* row_b, const int16_t* xq, int k_len, float* sums) {
+/* sums[0] = sum_k row_a[k] * x_a[k] and sums[1] = sum_k row_b[k] * x_b[k], in one pass; k_len % 16 == 0.
+ * Two weight rows with one activation row: two weight streams at once keep more of the memory's bandwidth busy than
+ * one (measured: about 1.2x). One weight row with two activation rows: the row is read from memory once. */
+static void dot_pair(const int8_t* row_a, const int16_t* x_a, const int8_t* row_b, const int16_t* x_b, int k_len,
+                     float* sums) {
     sums[0] = sums[1] = 0.f;
     for (int start = 0; start < k_len; start += CHUNK) {
         int end = start + CHUNK < k_len ? start + CHUNK : k_len;
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
         int k = start;
         for (; k + 32 <= end; k += 32) {
-            __m256i x0 = INPUTS(0), x1 = INPUTS(16);
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(WIDENED(row_a, 0), x0));
-            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(WIDENED(row_a, 16), x1));
-            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(WIDENED(row_b, 0), x0));
-            b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(WIDENED(row_b, 16), x1));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(WIDENED(row_a, 0), ROW_INPUTS(x_a, 0)));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(WIDENED(row_a, 16), ROW_INPUTS(x_a, 16)));
+            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(WIDENED(row_b, 0), ROW_INPUTS(x_b, 0)));
+            b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(WIDENED(row_b, 16), ROW_INPUTS(x_b, 16)));
         }
         for (; k < end; k += 16) {
-            __m256i x0 = INPUTS(0);
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(WIDENED(row_a, 0), x0));
-            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(WIDENED(row_b, 0), x0));
-        }
-        sums[0] += sum_lanes(a0, a1);
-        sums[1] += sum_lanes(b0, b1);
-    }
-}
-
-/* The two sums of row[k] * x0[k] and row[k] * x1[k] in one pass (each weight widened once); k_len % 16 == 0 */
-static void dot2(const int8_t* row, const int16_t* x0, const int16_t* x1, int k_len, float* sums) {
-    sums[0] = sums[1] = 0.f;
-    for (int start = 0; start < k_len; start += CHUNK) {
-        int end = start + CHUNK < k_len ? start + CHUNK : k_len;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
-        int k = start;
-        for (; k + 32 <= end; k += 32) {
-            __m256i w0 = WEIGHTS(0), w1 = WEIGHTS(16);
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x0 + k))));
-            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(x0 + k + 16))));
-            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x1 + k))));
-            b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(x1 + k + 16))));
-        }
-        for (; k < end; k += 16) {
-            __m256i w0 = WEIGHTS(0);
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x0 + k))));
-            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x1 + k))));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(WIDENED(row_a, 0), ROW_INPUTS(x_a, 0)));
+            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(WIDENED(row_b, 0), ROW_INPUTS(x_b, 0)));
         }
         sums[0] += sum_lanes(a0, a1);
         sums[1] += sum_lanes(b0, b1);
@@ -180,7 +157,7 @@ int nextchat_int8_matvec(const void* x, int kind, int rows, int k_len, const int
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int n = 0; n < half; ++n) {
             float sums[2];
-            dot_two_rows(weight + (long)n * k_len, weight + (long)(n + half) * k_len, xq, k_len, sums);
+            dot_pair(weight + (long)n * k_len, xq, weight + (long)(n + half) * k_len, xq, k_len, sums);
             store(out, kind, n, sums[0] * x_step[0] * load(scale, kind, n));
             store(out, kind, n + half, sums[1] * x_step[0] * load(scale, kind, n + half));
         }
@@ -197,7 +174,7 @@ int nextchat_int8_matvec(const void* x, int kind, int rows, int k_len, const int
         int m = 0;
         for (; m + 2 <= rows; m += 2) {
             float sums[2];
-            dot2(row, xq + (long)m * k_len, xq + (long)(m + 1) * k_len, k_len, sums);
+            dot_pair(row, xq + (long)m * k_len, row, xq + (long)(m + 1) * k_len, k_len, sums);
             store(out, kind, (long)m * n_len + n, sums[0] * x_step[m] * row_scale);
             store(out, kind, (long)(m + 1) * n_len + n, sums[1] * x_step[m + 1] * row_scale);
         }
