@@ -159,9 +159,10 @@ def prefill_stage(model: NextChatModel, prompt: int, per_kind: int) -> dict[str,
     return time_sampled(model, LLM_BLOCKS, prefill, per_kind).as_dict()
 
 
-def decode_step_ms(model: NextChatModel, context: int, steps: int) -> tuple[list[float], list[float]]:
-    """Milliseconds of each of ``steps`` single-row decode steps (the engine's path) after ``context`` positions, and
-    of the reads of the bytes a step reads (:func:`read_once_ms`), one before each step and one after the last.
+def decode_step_ms(model: NextChatModel, context: int, steps: int) -> tuple[list[float], list[float], int]:
+    """Milliseconds of each of ``steps`` single-row decode steps (the engine's path) after ``context`` positions;
+    milliseconds of the reads of the bytes a step reads (:func:`read_once_ms`), one before each step and one after
+    the last; and how many bytes those are.
 
     The cache holds random keys and values instead of a prefill's: a step's cost is its weight reads and its
     attention over ``context`` columns, whatever the values are.
@@ -186,7 +187,7 @@ def decode_step_ms(model: NextChatModel, context: int, steps: int) -> tuple[list
 
         step_ms.append(1000 * _timed(one_step))
         read_ms.append(read_once_ms(step_tensors))
-    return step_ms, read_ms
+    return step_ms, read_ms, sum(t.numel() * t.element_size() for t in step_tensors)
 
 
 def read_once_ms(tensors: list[torch.Tensor]) -> float:
@@ -194,7 +195,7 @@ def read_once_ms(tensors: list[torch.Tensor]) -> float:
     where the bytes allow), on torch's threads, as a decode step's kernels would read them."""
     start = time.perf_counter()
     for tensor in tensors:
-        flat = tensor.contiguous().reshape(-1).view(torch.uint8) if tensor.is_contiguous() else tensor
+        flat = tensor.reshape(-1).view(torch.uint8) if tensor.is_contiguous() else tensor  # the cache: a view
         words = flat.view(torch.int32) if flat.dtype == torch.uint8 and flat.numel() % 4 == 0 else flat
         words.max()
     return 1000 * (time.perf_counter() - start)
@@ -214,20 +215,6 @@ def step_read_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     """What a decode step reads from the LLM's weights: all of it but the embedding table (one row of it)."""
     prefixes = ("model.layers.", "model.norm.", "lm_head.")
     return [t for name, t in (*model.named_parameters(), *model.named_buffers()) if name.startswith(prefixes)]
-
-
-def step_read_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads from the LLM's weights (:func:`step_read_tensors`)."""
-    return sum(t.numel() * t.element_size() for t in step_read_tensors(model))
-
-
-def cache_read_bytes(model: NextChatModel, context: int) -> int:
-    """Bytes of keys and values a decode step reads after ``context`` positions (every layer's, in the LLM dtype)."""
-    text = model.model.config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * context * itemsize
 
 
 def load(directory: Path, mode: str) -> tuple[NextChatModel, dict[str, Any]]:
@@ -263,13 +250,13 @@ def measure(directory: Path, mode: str, prompt: int, steps: int, per_kind: int, 
     if vision:
         result.update(vision_stages(model, per_kind))
     result["prefill"] = prefill_stage(model, prompt, per_kind)
-    step_ms, read_ms = decode_step_ms(model, prompt, steps)
+    step_ms, read_ms, read = decode_step_ms(model, prompt, steps)
     result["decode_step_ms"], result["read_floor_step_ms"] = step_ms, read_ms
     steady = step_ms[1:] or step_ms  # the first step pays one-off costs (allocations)
     result["decode_ms_per_token"] = statistics.mean(steady)
     result["decode_median_ms_per_token"] = statistics.median(steady)
     result["decode_best_ms_per_token"] = min(steady)
-    result["step_read_bytes"] = read = step_read_bytes(model) + cache_read_bytes(model, prompt)
+    result["step_read_bytes"] = read
     result["decode_floor_ms_per_token"] = statistics.median(read_ms)
     result["read_floor_best_ms"] = min(read_ms)
     result["read_bandwidth_gb_s"] = read / result["decode_floor_ms_per_token"] / 1e6

@@ -245,9 +245,7 @@ class StdioRelay:
         with self._lock:
             if self._closed:
                 return
-            view = memoryview(forward + b"\n")
-            while view:
-                view = view[os.write(self._write_fd, view) :]
+            stdio_lines.write_all(self._write_fd, forward + b"\n")
 
     def close(self) -> None:
         """End the input the server sees (idempotent)."""

@@ -30,6 +30,13 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd`` (a pipe takes a long message in several writes)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def error_line(request_id: int | str | None, code: int, message: str) -> bytes:
     """One JSON-RPC error response, newline-terminated."""
     body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
@@ -113,19 +120,14 @@ class ProtocolOut(io.RawIOBase):
             self._partial += chunk
             end = self._partial.rfind(b"\n") + 1
             if end:
-                self._write_all(bytes(self._partial[:end]))
+                write_all(self._fd, bytes(self._partial[:end]))
                 del self._partial[:end]
         return len(chunk)
 
     def write_line(self, line: bytes) -> None:
         """One whole line of our own (newline-terminated), between the SDK's lines, never inside one."""
         with self._lock:
-            self._write_all(line)
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+            write_all(self._fd, line)
 
 
 class StdoutStandIn:

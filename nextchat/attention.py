@@ -50,7 +50,7 @@ def attention(
 
 
 def single_query_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """One query per row: ``[B, heads, 1, D]`` → ``[B, 1, heads, D]``; scores and softmax in float32.
 
@@ -61,7 +61,7 @@ def single_query_attention(
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float()  # [B, kv_heads, group, L]
-    scores *= head_dim**-0.5 if scaling is None else scaling
+    scores *= scale
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:  # additive

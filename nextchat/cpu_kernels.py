@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-# Past two rows the kernel's arithmetic, not the weight traffic, bounds it, and torch's int8 kernel is faster.
-INT8_MAX_ROWS = 2
+# A decode step's rows. Past two the int8 kernel's arithmetic, not the weight traffic, bounds it, and torch's int8
+# kernel is faster.
+MAX_ROWS = 2
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}
 _COMPILE_TIMEOUT_S = 120
 
@@ -127,7 +128,7 @@ def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     """``x @ (qweight * scale[:, None]).T`` with the kernel, or ``None`` when it cannot take these inputs.
 
     Args:
-        x: ``[rows, in]`` float32 or bfloat16 on the CPU, ``rows`` ≤ :data:`INT8_MAX_ROWS`, ``in`` a multiple of 16.
+        x: ``[rows, in]`` float32 or bfloat16 on the CPU, ``rows`` ≤ :data:`MAX_ROWS`, ``in`` a multiple of 16.
         qweight: ``[out, in]`` int8, contiguous.
         scale: ``[out]`` in ``x``'s dtype.
 
@@ -140,7 +141,7 @@ def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
         kind is not None
         and not _needs_grad(x, scale)
         and x.device.type == "cpu"
-        and 0 < rows <= INT8_MAX_ROWS
+        and 0 < rows <= MAX_ROWS
         and width % 16 == 0
         and qweight.dtype == torch.int8
         and qweight.is_contiguous()
@@ -149,9 +150,7 @@ def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
         and scale.is_contiguous()
         and scale.shape == (qweight.shape[0],)
     )
-    if not fits:
-        return None
-    lib = library()
+    lib = library() if fits else None
     if lib is None:
         return None
     x = x.contiguous()
@@ -169,7 +168,7 @@ def bf16_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``x @ weight.T`` in float32 with the kernel, or ``None`` when it cannot take these inputs.
 
     Args:
-        x: ``[rows, in]`` on the CPU (widened to float32), ``rows`` ≤ :data:`INT8_MAX_ROWS`, ``in`` a multiple of 8.
+        x: ``[rows, in]`` on the CPU (widened to float32), ``rows`` ≤ :data:`MAX_ROWS`, ``in`` a multiple of 8.
         weight: ``[out, in]`` bfloat16, contiguous.
 
     Returns:
@@ -179,7 +178,7 @@ def bf16_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     fits = (
         not _needs_grad(x, weight)
         and x.device.type == weight.device.type == "cpu"
-        and 0 < rows <= INT8_MAX_ROWS
+        and 0 < rows <= MAX_ROWS
         and width % 8 == 0
         and weight.dtype == torch.bfloat16
         and weight.is_contiguous()
@@ -228,14 +227,8 @@ def single_query_attention(
         and key.shape == value.shape == (batch, kv_heads, positions, head_dim)
         and heads % kv_heads == 0
         and key.stride(-1) == value.stride(-1) == 1
-        and (
-            mask is None
-            or (mask.dtype == torch.bool and mask.shape == (batch, 1, 1, positions) and mask.stride(-1) == 1)
-        )
     )
-    if not fits:
-        return None
-    lib = library()
+    lib = library() if fits else None
     if lib is None:
         return None
     q = query.reshape(batch, heads, head_dim).float().contiguous()

@@ -31,7 +31,7 @@ def test_single_query_attention_equals_sdpa(
         out = cpu_kernels.single_query_attention(query, keys, values, mask, head_dim**-0.5)
         assert out is not None
     else:
-        out = attention.single_query_attention(query, keys, values, mask, scaling=None)
+        out = attention.single_query_attention(query, keys, values, mask, head_dim**-0.5)
 
     repeat = heads // kv_heads
     expected = F.scaled_dot_product_attention(
@@ -41,7 +41,7 @@ def test_single_query_attention_equals_sdpa(
     assert (out.float() - expected.float()).abs().max() < tolerance
     # An additive mask (eager attention's format) gives the same answer (through torch: the kernel takes bool masks).
     additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    with_additive_mask = attention.single_query_attention(query, keys, values, additive, None)
+    with_additive_mask = attention.single_query_attention(query, keys, values, additive, head_dim**-0.5)
     assert (with_additive_mask.float() - out.float()).abs().max() < tolerance
 
 
