@@ -3,14 +3,17 @@
 Decoders run C code over attacker-chosen bytes and cannot be interrupted from Python: a progressive JPEG with
 thousands of scans, or a run-length BMP that Pillow decodes in Python, runs for minutes in whichever thread started
 it, holding the GIL, a core and memory. So decoding (with EXIF orientation and the conversion to RGB) runs in a
-worker process (:mod:`mcp_server.decode_worker`):
+worker process (:mod:`mcp_server.decode_worker`), and so do the image's first resizes for the model once it has loaded
+(:mod:`nextchat.resizing`: work that grows with the image, which the model thread would otherwise do while every
+caller's batch waits):
 
 - each worker has an address-space limit (``RLIMIT_AS``: what it had after start-up plus ``memory_bytes``) and, per
   image, a CPU-time limit (``RLIMIT_CPU``) at the call's deadline plus a margin, and runs at a lower CPU priority
   than the server, so model steps and protocol work go first;
 - the parent waits at most until the call's deadline, then kills the worker (``SIGKILL``) and starts a fresh one
   for the next image; a worker that dies on its own is replaced the same way;
-- the caller gets one sentence (:data:`TOO_LONG`), and only the RGB pixels come back (as raw bytes, no pickle).
+- the caller gets one sentence (:data:`TOO_LONG`), and only the RGB pixels and the resizes come back (as raw bytes,
+  no pickle of an array).
 
 Workers are fresh interpreters (``python -m mcp_server.decode_worker``, fork and exec at once, so no lock held by
 another thread of the server is copied), not :mod:`multiprocessing` children, which re-run the parent's main module:
@@ -45,6 +48,7 @@ import numpy as np
 
 from mcp_server.decode_worker import TOO_BIG
 from mcp_server.image_io import DecodedImage, ImageInputError, ImagePolicy
+from nextchat.resizing import InputSides, ResizedImage
 
 
 TOO_LONG = "the image took too long to decode; send a smaller or baseline image"
@@ -97,6 +101,7 @@ class _Call:
     policy: ImagePolicy
     source: str
     deadline: float
+    sides: InputSides | None
     worker: _Worker | None = None
     abandoned: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,6 +116,14 @@ class _Call:
             self.abandoned = True
             if self.worker is not None:
                 self.worker.kill()
+
+
+def _receive_array(connection: Connection, shape: tuple[int, ...]) -> np.ndarray:
+    """The next uint8 array of ``shape`` the worker sends, as raw bytes."""
+    dims = tuple(int(n) for n in shape)
+    data = bytearray(math.prod(dims))
+    connection.recv_bytes_into(data)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _end_workers(idle: list[_Worker], busy: set[_Worker]) -> None:
@@ -143,8 +156,11 @@ class DecodePool:
     def closed(self) -> bool:
         return self._closed
 
-    async def decode(self, data: bytes, policy: ImagePolicy, source: str, deadline: float) -> DecodedImage:
-        """Decode ``data`` in a worker by ``deadline`` (``time.monotonic()``), waiting for a free worker first.
+    async def decode(
+        self, data: bytes, policy: ImagePolicy, source: str, deadline: float, sides: InputSides | None = None
+    ) -> DecodedImage:
+        """Decode ``data`` in a worker by ``deadline`` (``time.monotonic()``), waiting for a free worker first; with
+        the model's input ``sides``, the worker makes the image's first resizes for them too (``resized``).
 
         Raises:
             ImageInputError: the image is refused (its own sentence), or :class:`DecodeRefused` when the decode did
@@ -155,7 +171,7 @@ class DecodePool:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.workers)
             self._start_spares()
-        call = _Call(data, policy, source, deadline)
+        call = _Call(data, policy, source, deadline, sides)
         try:
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):
                 return await anyio.to_thread.run_sync(self._run, call, limiter=self._limiter, abandon_on_cancel=True)
@@ -194,22 +210,25 @@ class DecodePool:
     def _exchange(self, worker: _Worker, call: _Call) -> DecodedImage:
         remaining = call.deadline - time.monotonic()
         try:
-            worker.connection.send((call.data, call.policy, call.source, max(0.0, remaining) + CPU_MARGIN_S))
+            worker.connection.send(
+                (call.data, call.policy, call.source, max(0.0, remaining) + CPU_MARGIN_S, call.sides)
+            )
             if not worker.connection.poll(max(0.0, remaining)):
                 worker.kill()
                 raise DecodeRefused(TOO_LONG)
             reply = worker.connection.recv()
             if reply[0] == "error":
                 raise ImageInputError(reply[1])
-            shape: tuple[int, ...] = tuple(int(n) for n in reply[1])
-            sha256, fmt = str(reply[2]), str(reply[3])
-            pixels = bytearray(math.prod(shape))
-            worker.connection.recv_bytes_into(pixels)
+            sha256, fmt, resized_shapes = str(reply[2]), str(reply[3]), reply[4]
+            pixels = _receive_array(worker.connection, reply[1])
+            resized = None
+            if resized_shapes is not None and call.sides is not None:
+                square = _receive_array(worker.connection, resized_shapes[0])
+                resized = ResizedImage(call.sides, square, _receive_array(worker.connection, resized_shapes[1]))
         except (EOFError, OSError, BrokenPipeError):
             worker.kill()
             raise DecodeRefused(SHUTTING_DOWN if self._closed else worker.why_dead()) from None
-        array = np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
-        return DecodedImage(pixels=array, sha256=sha256, source=call.source, format=fmt)
+        return DecodedImage(pixels=pixels, sha256=sha256, source=call.source, format=fmt, resized=resized)
 
     def _checkout(self) -> _Worker:
         with self._lock:

@@ -7,8 +7,11 @@ program that imports torch (``python -m benchmarks.bench``, a test runner, an em
 start took seconds of CPU and held torch's memory for nothing.
 
 ``FD`` is the worker's end of a socket pair, spoken with :class:`multiprocessing.connection.Connection`: the parent
-sends ``(data, policy, source, cpu_seconds)``; the worker answers ``("error", sentence)`` or
-``("ok", shape, sha256, format)`` followed by the RGB pixels as raw bytes (no pickle of the array).
+sends ``(data, policy, source, cpu_seconds, sides)``; the worker answers ``("error", sentence)`` or
+``("ok", shape, sha256, format, resized_shapes)`` followed by the RGB pixels as raw bytes (no pickle of the array)
+and, when the parent named the model's input ``sides`` (:class:`nextchat.resizing.InputSides`), the image's two first
+resizes for them (``resized_shapes`` their shapes, else ``None``): the resizes that grow with the image run here,
+under the same limits, instead of in the server's model thread.
 
 A worker ends as soon as its parent does, even in the middle of a decode: a server that exits at once (a second
 SIGTERM, its exit timer, a crash or SIGKILL) cannot kill its workers first, and an orphan would go on decoding a bomb
@@ -29,6 +32,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from mcp_server.image_io import ImageInputError, decode_image
+from nextchat.resizing import resize_for_model
 
 
 WORKER_NICENESS = 5  # decodes yield the CPU to the model and the protocol
@@ -44,21 +48,25 @@ def serve(connection: Connection, memory_bytes: int) -> None:
     threading.Thread(target=end_with_parent, args=(connection.fileno(),), name="parent-watch", daemon=True).start()
     while True:
         try:
-            data, policy, source, cpu_seconds = connection.recv()
+            data, policy, source, cpu_seconds, sides = connection.recv()
         except (EOFError, OSError):
             return
         limit_cpu(cpu_seconds)
         try:
             image = decode_image(data, policy, source)
+            pixels = np.ascontiguousarray(image.pixels)
+            resized = resize_for_model(pixels, sides) if sides is not None else None
         except ImageInputError as error:
             connection.send(("error", str(error)))
             continue
         except MemoryError:
             connection.send(("error", TOO_BIG))
             continue
-        pixels = np.ascontiguousarray(image.pixels)
-        connection.send(("ok", pixels.shape, image.sha256, image.format))
-        connection.send_bytes(pixels.data.cast("B"))
+        arrays = [pixels] if resized is None else [pixels, resized.square, resized.sam]
+        shapes = None if resized is None else (resized.square.shape, resized.sam.shape)
+        connection.send(("ok", pixels.shape, image.sha256, image.format, shapes))
+        for array in arrays:
+            connection.send_bytes(np.ascontiguousarray(array).data.cast("B"))
 
 
 def end_with_parent(fd: int) -> None:

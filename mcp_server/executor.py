@@ -89,8 +89,9 @@ class DeadlineExceeded(JobCancelled):
 class Runner(Protocol):
     """The synchronous model side, called only from the worker thread.
 
-    Its optional attributes ``device``, ``dtype``, ``model_name`` and ``scope`` (what the model knows, one sentence)
-    are reported in :attr:`Executor.runner_info` once it has loaded.
+    Its optional attributes ``device``, ``dtype``, ``model_name``, ``scope`` (what the model knows, one sentence) and
+    ``input_sides`` (:class:`nextchat.resizing.InputSides`) are reported in :attr:`Executor.runner_info` once it has
+    loaded.
     """
 
     def submit(self, job: Job) -> None:
@@ -336,7 +337,9 @@ class Executor:
             self.state = "failed"
             self._ready.set()
             return
-        self.runner_info = {k: getattr(runner, k, None) for k in ("device", "dtype", "model_name", "scope")}
+        self.runner_info = {
+            k: getattr(runner, k, None) for k in ("device", "dtype", "model_name", "scope", "input_sides")
+        }
         self.state = "ready"
         self._ready.set()
         log.info("model ready after %.1f s", time.monotonic() - self.started_at)

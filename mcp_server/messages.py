@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nextchat.resizing import ResizedImage
 from nextchat.tasks import Box, TaskPrompt
 
 
@@ -30,12 +31,20 @@ class DecodedImage:
         sha256: hex sha256 of the bytes sent (the runner caches what it computes from an image by it).
         source: where the bytes came from: ``"path"``, ``"url"`` or ``"data"`` (empty when made in code).
         format: the format the magic bytes named (``"PNG"``, ``"JPEG"``, ...; empty when made in code).
+        resized: its first resize for each of the model's branches, made by the decode worker once the model's
+            input sides were known (``None`` before that, and for images made in code: the runner resizes them).
     """
 
     pixels: np.ndarray
     sha256: str
     source: str = ""
     format: str = ""
+    resized: ResizedImage | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the pixels and the first resizes."""
+        return int(self.pixels.nbytes) + (self.resized.nbytes if self.resized is not None else 0)
 
     @property
     def width(self) -> int:

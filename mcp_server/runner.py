@@ -46,6 +46,7 @@ from nextchat.loading import llm_parameter_count, load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import GroundedObject, NextChatPipeline
 from nextchat.processing import ImageGeometry
+from nextchat.resizing import InputSides
 from nextchat.scopes import scope_of
 from nextchat.tokenization import NextChatTokenizer
 
@@ -135,19 +136,19 @@ def cache_key(job: Job) -> str:
 def encode_cached(
     images: list[tuple[str, DecodedImage]],
     cache: TensorLRU[V],
-    encode: Callable[[list[np.ndarray]], list[V]],
+    encode: Callable[[list[DecodedImage]], list[V]],
     nbytes: Callable[[V], int],
 ) -> dict[str, V]:
     """Each distinct image's encoding by its key (:func:`cache_key`): from ``cache``, or encoded together with the
     other misses (``ENCODE_CHUNK`` images a pass) and then cached."""
     found: dict[str, V] = {}
-    missing: dict[str, np.ndarray] = {}
+    missing: dict[str, DecodedImage] = {}
     for key, image in images:
         if key in found or key in missing:
             continue
         cached = cache.get(key)
         if cached is None:
-            missing[key] = image.pixels
+            missing[key] = image
         else:
             found[key] = cached
     keys = list(missing)
@@ -204,6 +205,8 @@ class NextChatRunner:
         self.model_name = net.config.name
         # What the model knows, and its check of each image against that (the demo model's shapes world).
         self.model_scope = scope_of(net.config.name)
+        # The sides the server's decode workers make each image's first resizes for (see nextchat.resizing).
+        self.input_sides = InputSides(net.config.image_size, net.config.sam.image_size)
         self.scope = self.model_scope.scope
         # The check runs in its own thread from the job's submission (numpy, most of it without the GIL), so the
         # model thread finds it done instead of stalling the batch for it (about 7.5 ms of CPU a 336 px image).
@@ -338,7 +341,7 @@ class NextChatRunner:
         images = encode_cached(
             [(cache_key(item.job), item.job.image) for item in starting],
             self.features,
-            self.engine.encode_images,
+            lambda images: self.engine.encode_images([i.pixels for i in images], [i.resized for i in images]),
             _feature_bytes,
         )
         for item in starting:
@@ -349,7 +352,12 @@ class NextChatRunner:
     def _sam_images(self, jobs: list[MaskJob]) -> dict[str, SamImage]:
         """The SAM embeddings of the jobs' images: cached ones, the others encoded together."""
         keyed = [(cache_key(job), job.image) for job in jobs]
-        return encode_cached(keyed, self.sam_images, self.engine.encode_sam_images, _sam_bytes)
+        return encode_cached(
+            keyed,
+            self.sam_images,
+            lambda images: self.engine.encode_sam_images([i.pixels for i in images], [i.resized for i in images]),
+            _sam_bytes,
+        )
 
     @torch.inference_mode()
     def _run_masks(self, jobs: list[MaskJob]) -> list[tuple[int, Outcome | BaseException]]:

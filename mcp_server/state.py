@@ -20,6 +20,7 @@ from mcp_server.executor import Executor, Runner
 from mcp_server.image_io import ImagePolicy
 from mcp_server.settings import Settings
 from mcp_server.stores import BoundedStore, ImageHandles, ImageStore, Owner, PictureHandles, StoredPicture
+from nextchat.resizing import InputSides
 from nextchat.scopes import scope_of_argument
 
 
@@ -140,6 +141,12 @@ class AppState:
         the one its ``--model`` argument implies."""
         scope = self.executor.runner_info.get("scope")
         return scope if isinstance(scope, str) and scope else self.scope
+
+    def input_sides(self) -> InputSides | None:
+        """The sides of the loaded model's image inputs, for the decode workers' first resizes (``None`` before the
+        model has loaded: the runner then resizes the image itself)."""
+        sides = self.executor.runner_info.get("input_sides")
+        return sides if isinstance(sides, InputSides) else None
 
     def public_error(self) -> str | None:
         """The executor's error with the checkpoint's location reduced to its name (the caller may not read it)."""

@@ -157,7 +157,7 @@ class ImageStore:
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 2 << 30, ttl_s: float = 3600.0) -> None:
         self._store: BoundedStore[StoredImage] = BoundedStore(
-            max_entries, max_bytes, ttl_s, size_of=lambda r: int(r.image.pixels.nbytes)
+            max_entries, max_bytes, ttl_s, size_of=lambda r: r.image.nbytes
         )
         self._by_content: dict[tuple[Owner, str], tuple[Owner, str]] = {}
         self._lock = threading.Lock()

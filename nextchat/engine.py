@@ -25,7 +25,15 @@ import torch
 from nextchat.decode_graphs import DecodeMode, DecodeStep
 from nextchat.kv_cache import BatchKVCache
 from nextchat.modeling_nextchat import NextChatModel, TokenIds
-from nextchat.processing import ImageGeometry, mask_logits_to_original, sam_pixel_values, vision_pixel_values
+from nextchat.processing import (
+    ImageGeometry,
+    mask_logits_to_original,
+    normalised_square,
+    padded_sam_input,
+    sam_pixel_values,
+    vision_pixel_values,
+)
+from nextchat.resizing import ResizedImage
 from nextchat.tokenization import AT, BOXES, IM_END, IM_PATCH, IM_START, NextChatTokenizer
 
 
@@ -170,10 +178,22 @@ class NextChatEngine:
     # Images
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[np.ndarray]) -> list[EncodedImage]:
-        """RGB uint8 ``[H, W, 3]`` images → features for the LLM, one batched tower pass."""
+    def encode_images(
+        self, images: Sequence[np.ndarray], resized: Sequence[ResizedImage | None] | None = None
+    ) -> list[EncodedImage]:
+        """RGB uint8 ``[H, W, 3]`` images → features for the LLM, one batched tower pass.
+
+        ``resized``: each image's first resize where it was already made (:mod:`nextchat.resizing`, for this
+        model's sides), so only the normalisation is left here; ``None`` entries are resized here.
+        """
         size = self.model.config.image_size
-        pixels = torch.stack([vision_pixel_values(image, size) for image in images]).to(self.model.device)
+        firsts = resized or [None] * len(images)
+        pixels = torch.stack(
+            [
+                normalised_square(first.square) if _made_for(first, vision=size) else vision_pixel_values(image, size)
+                for image, first in zip(images, firsts, strict=True)
+            ]
+        ).to(self.model.device)
         features = self.model.encode_images(pixels)
         return [
             EncodedImage(f, ImageGeometry(image.shape[1], image.shape[0]))
@@ -181,10 +201,19 @@ class NextChatEngine:
         ]
 
     @torch.inference_mode()
-    def encode_sam_images(self, images: Sequence[np.ndarray]) -> list[SamImage]:
-        """RGB uint8 ``[H, W, 3]`` images → SAM embeddings, one batched encoder pass."""
+    def encode_sam_images(
+        self, images: Sequence[np.ndarray], resized: Sequence[ResizedImage | None] | None = None
+    ) -> list[SamImage]:
+        """RGB uint8 ``[H, W, 3]`` images → SAM embeddings, one batched encoder pass (``resized`` as in
+        :meth:`encode_images`)."""
         size = self.model.config.sam.image_size
-        pixels = torch.stack([sam_pixel_values(image, size) for image in images])
+        firsts = resized or [None] * len(images)
+        pixels = torch.stack(
+            [
+                padded_sam_input(first.sam, size) if _made_for(first, sam=size) else sam_pixel_values(image, size)
+                for image, first in zip(images, firsts, strict=True)
+            ]
+        )
         embeddings = self.model.encode_sam_images(pixels)
         return [
             SamImage(e[None], ImageGeometry(image.shape[1], image.shape[0]))
@@ -428,3 +457,10 @@ class NextChatEngine:
         """Keep only the given rows of the running batch."""
         self._active = [self._active[r] for r in rows]
         self._kv.keep(rows)
+
+
+def _made_for(first: ResizedImage | None, *, vision: int | None = None, sam: int | None = None) -> bool:
+    """Whether an image's first resize was made for this model's vision side or SAM side."""
+    if first is None:
+        return False
+    return (vision is None or first.sides.vision == vision) and (sam is None or first.sides.sam == sam)

@@ -101,7 +101,7 @@ class ToolCall:
         except image_io.ImageInputError as error:
             raise ToolError(str(error)) from None
         try:
-            loaded = await self.app.decoder.decode(data, self.app.policy, source, self.deadline)
+            loaded = await self.app.decoder.decode(data, self.app.policy, source, self.deadline, self.app.input_sides())
         except image_io.ImageInputError as error:
             raise ToolError(str(error)) from None
         return self.app.images.add(loaded, self.owner)

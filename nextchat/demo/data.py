@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from nextchat.demo.world import COLOURS, SHAPES, Sample, Scene, make_sample, render_scene
-from nextchat.processing import ImageGeometry, boxes_to_square, expand_to_square, vision_pixel_values
+from nextchat.processing import ImageGeometry, boxes_to_square, vision_pixel_values
 from nextchat.prompting import chat_prompt
+from nextchat.resizing import expand_to_square
 from nextchat.tokenization import NextChatTokenizer
 
 

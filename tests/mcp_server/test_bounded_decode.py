@@ -1,6 +1,7 @@
 """Bounded decoding: structural caps refuse scan bombs and marker floods at once; the decode pool kills a worker at
 the call's deadline, replaces it, and keeps decoding for the next caller."""
 
+import base64
 import signal
 import struct
 import sys
@@ -10,13 +11,18 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
+from mcp import Client
 from PIL import Image
 from server_process import decode_workers, running, server_env, wait_until_decoding
-from support import CAP, encode, noise, rle8_bmp, scan_bomb, slow_bmp
+from support import CAP, call, encode, noise, rle8_bmp, scan_bomb, slow_bmp
 
 from mcp_server.decode_pool import TOO_LONG, DecodePool
 from mcp_server.image_io import ImageInputError, ImagePolicy
 from mcp_server.image_structure import StructureError, check_structure
+from mcp_server.server import create_server
+from mcp_server.settings import Settings
+from nextchat import engine as engine_module
+from nextchat.resizing import InputSides, resize_for_model
 
 
 @pytest.mark.parametrize(
@@ -83,6 +89,51 @@ async def test_a_refused_image_leaves_its_worker_decoding_the_next_callers_image
         image = await pool.decode(small, ImagePolicy(), "data", time.monotonic() + 30)  # the same, only worker
         assert np.array_equal(image.pixels, noise(64, 48))
     assert pool.replaced == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [(640, 90), (48, 300)])
+async def test_the_worker_makes_the_first_resizes_for_the_sides_it_is_given(pool, size: tuple[int, int]) -> None:
+    sides = InputSides(vision=56, sam=128)
+    data = encode(Image.fromarray(noise(*size)), "PNG")
+    plain = await pool.decode(data, ImagePolicy(), "data", time.monotonic() + 30)
+    assert plain.resized is None
+    image = await pool.decode(data, ImagePolicy(), "data", time.monotonic() + 30, sides)
+    expected = resize_for_model(noise(*size), sides)
+    assert image.resized is not None and image.resized.sides == sides
+    assert np.array_equal(image.resized.square, expected.square) and np.array_equal(image.resized.sam, expected.sam)
+    assert np.array_equal(image.pixels, plain.pixels)
+    assert image.nbytes == plain.pixels.nbytes + expected.square.nbytes + expected.sam.nbytes
+
+
+@pytest.mark.anyio
+async def test_once_the_model_has_loaded_the_model_thread_resizes_no_image(
+    tiny_checkpoint: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server names the loaded model's input sides to its decode workers, so the resizes that grow with the
+    image (nextchat.resizing) are made there, under the workers' limits, and never stall the model's batch."""
+    server = create_server(Settings(model=str(tiny_checkpoint), device="cpu", allow_dirs=(image_dir,)))
+    app = server.app
+
+    def resized_on_the_model_thread(*_: object) -> None:
+        raise AssertionError("the model thread resized an image that its decode worker should have")
+
+    try:
+        async with Client(server) as client:
+            assert await app.executor.wait_ready(30)
+            monkeypatch.setattr(engine_module, "vision_pixel_values", resized_on_the_model_thread)
+            monkeypatch.setattr(engine_module, "sam_pixel_values", resized_on_the_model_thread)
+            located = await call(client, "locate_objects", {"image": str(image_dir / "scene1.png"), "query": "circle"})
+            await call(client, "segment_object", {"image": located["image"]["id"], "box": [4, 4, 60, 60]})
+            wide = encode(Image.fromarray(noise(900, 40)), "PNG")
+            await call(client, "segment_object", {"image": "data:image/png;base64," + b64(wide), "box": [0, 0, 90, 40]})
+    finally:
+        app.executor.stop()
+        app.decoder.close()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 @pytest.mark.anyio

@@ -184,6 +184,43 @@ async def test_a_full_queue_rejects_exactly_the_overflow(start) -> None:
     assert outcomes.count("overloaded") == 3 and outcomes.count("ok") == 5
 
 
+async def test_one_owner_fills_only_its_share_of_the_queue(start) -> None:
+    """A session that sends more than its share is refused with its own sentence; other sessions and owner-less
+    callers still get in, and the session's share comes back as its jobs finish."""
+    gate = threading.Event()
+    runner = FakeRunner(steps=1, gate=gate)
+    executor = await start(Executor(lambda: runner, max_queue=16, max_queue_per_owner=3, max_active=1, max_wait_ms=0))
+    outcomes: dict[str, str] = {}
+
+    async def call(text: str, owner: str | None) -> None:
+        job = ask(text)
+        job.owner = owner
+        try:
+            await executor.generate(job)
+            outcomes[text] = "ok"
+        except Overloaded as error:
+            outcomes[text] = str(error) if error.retry_after_s >= 1 else "no retry hint"
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "a0", "session-a")
+            await anyio.to_thread.run_sync(runner.step_started.wait, 5)  # a0 runs and holds the only slot
+            for i in range(1, 6):  # a1, a2 fit in the share (a0 counts: it is unfinished); a3..a5 do not
+                tg.start_soon(call, f"a{i}", "session-a")
+            while len(outcomes) < 3:
+                await anyio.sleep(0)
+            for text, owner in (("b0", "session-b"), ("b1", "session-b"), ("stdio", None)):
+                tg.start_soon(call, text, owner)
+            while executor.queue_depth < 6:  # a0..a2, b0, b1, stdio
+                await anyio.sleep(0)
+            gate.set()
+        await call("a6", "session-a")  # every job of session-a has finished: its share is free again
+    refused = [text for text, outcome in outcomes.items() if outcome != "ok"]
+    assert sorted(refused) == ["a3", "a4", "a5"]
+    assert all("this session already has 3 requests in progress" in outcomes[text] for text in refused)
+    assert sorted(runner.ran) == ["a0", "a1", "a2", "a6", "b0", "b1", "stdio"]
+
+
 async def test_a_job_cancelled_while_queued_never_runs(start) -> None:
     gate = threading.Event()
     runner = FakeRunner(steps=1, gate=gate)

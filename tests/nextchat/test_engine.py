@@ -11,6 +11,7 @@ from support import make_image
 from nextchat.engine import GenerationRequest, NextChatEngine
 from nextchat.processing import boxes_to_square
 from nextchat.prompting import chat_prompt
+from nextchat.resizing import InputSides, resize_for_model
 from nextchat.tasks import LOCATE_ANSWER_PREFIX, locate_question, region_question, vqa_question
 
 
@@ -68,6 +69,26 @@ def assert_same(a, b) -> None:
         assert x.token_index == y.token_index
         torch.testing.assert_close(x.box, y.box, atol=1e-4, rtol=0)
         torch.testing.assert_close(x.at_hidden, y.at_hidden, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(96, 60), (50, 90), (64, 64), (700, 9), (11, 500), (3000, 2000)])
+def test_first_resizes_made_where_the_image_was_decoded_encode_to_the_same_bits(
+    engine: NextChatEngine, size: tuple[int, int]
+) -> None:
+    """The decode workers' first resizes (nextchat.resizing) give the vision features and SAM embeddings the model
+    thread computes from the pixels, bit for bit; a resize made for other sides is not used."""
+    pixels = make_image(*size, 5)
+    config = engine.model.config
+    sides = InputSides(config.image_size, config.sam.image_size)
+    own = engine.encode_images([pixels])[0].features
+    given = engine.encode_images([pixels], [resize_for_model(pixels, sides)])[0].features
+    assert torch.equal(own, given)
+    own_sam = engine.encode_sam_images([pixels])[0].embeddings
+    given_sam = engine.encode_sam_images([pixels], [resize_for_model(pixels, sides)])[0].embeddings
+    assert torch.equal(own_sam, given_sam)
+    other = resize_for_model(pixels, InputSides(config.image_size + 2, config.sam.image_size + 2))
+    assert torch.equal(engine.encode_images([pixels], [other])[0].features, own)
+    assert torch.equal(engine.encode_sam_images([pixels], [other])[0].embeddings, own_sam)
 
 
 def test_forced_at_yields_boxes_and_the_token_after_at_is_boxes(engine: NextChatEngine, images) -> None:

@@ -15,9 +15,9 @@ from nextchat.processing import (
     boxes_to_square,
     mask_logits_to_original,
     sam_pixel_values,
-    sam_resized_image,
     vision_pixel_values,
 )
+from nextchat.resizing import sam_resized_image
 
 
 FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nextchat-parity"

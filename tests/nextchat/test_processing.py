@@ -11,12 +11,11 @@ from nextchat.processing import (
     box_of_mask,
     boxes_from_square,
     boxes_to_square,
-    expand_to_square,
     mask_logits_to_original,
     sam_pixel_values,
-    square_resized,
     vision_pixel_values,
 )
+from nextchat.resizing import expand_to_square, square_resized
 
 
 SIZES = {"landscape": (200, 120), "portrait": (90, 160), "square": (128, 128)}
