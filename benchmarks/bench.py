@@ -46,9 +46,17 @@ async def run_rounds(
     """Both paths, round by round, in one process on one model object; torch's thread count switches with the path."""
     from mcp import Client
 
-    server = create_server(settings, runner_factory=lambda: runner)
     naive_timings, batched = Timings(), {c: Timings() for c in rounds.batched[0]}
     cpu = not device.startswith("cuda")
+
+    def on_the_model_thread() -> NextChatRunner:
+        # torch's thread count is per thread (each thread takes the count set when it first runs a parallel op):
+        # the server's worker thread sets its own, as NextChatRunner.load does, or it would run with every core.
+        if cpu:
+            torch.set_num_threads(threads["batched"])
+        return runner
+
+    server = create_server(settings, runner_factory=on_the_model_thread)
     try:
         async with Client(server) as client:
             naive.request(rounds.warmup[0], None)
