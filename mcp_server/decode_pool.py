@@ -219,12 +219,11 @@ class DecodePool:
             reply = worker.connection.recv()
             if reply[0] == "error":
                 raise ImageInputError(reply[1])
-            sha256, fmt, resized_shapes = str(reply[2]), str(reply[3]), reply[4]
+            sha256, fmt, (square_shape, sam_shape) = str(reply[2]), str(reply[3]), reply[4]
             pixels = _receive_array(worker.connection, reply[1])
-            resized = None
-            if resized_shapes is not None and call.sides is not None:
-                square = _receive_array(worker.connection, resized_shapes[0])
-                resized = ResizedImage(call.sides, square, _receive_array(worker.connection, resized_shapes[1]))
+            square = None if square_shape is None else _receive_array(worker.connection, square_shape)
+            sam = None if sam_shape is None else _receive_array(worker.connection, sam_shape)
+            resized = None if call.sides is None else ResizedImage(call.sides, square, sam)
         except (EOFError, OSError, BrokenPipeError):
             worker.kill()
             raise DecodeRefused(SHUTTING_DOWN if self._closed else worker.why_dead()) from None

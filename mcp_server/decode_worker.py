@@ -8,10 +8,10 @@ start took seconds of CPU and held torch's memory for nothing.
 
 ``FD`` is the worker's end of a socket pair, spoken with :class:`multiprocessing.connection.Connection`: the parent
 sends ``(data, policy, source, cpu_seconds, sides)``; the worker answers ``("error", sentence)`` or
-``("ok", shape, sha256, format, resized_shapes)`` followed by the RGB pixels as raw bytes (no pickle of the array)
-and, when the parent named the model's input ``sides`` (:class:`nextchat.resizing.InputSides`), the image's two first
-resizes for them (``resized_shapes`` their shapes, else ``None``): the resizes that grow with the image run here,
-under the same limits, instead of in the server's model thread.
+``("ok", shape, sha256, format, (square_shape, sam_shape))`` followed by the RGB pixels as raw bytes (no pickle of
+the array) and, when the parent named the model's input ``sides`` (:class:`nextchat.resizing.InputSides`), the
+image's first resizes for them (each shape ``None`` where none was made): the resizes that grow with the image run
+here, under the same limits, instead of in the server's model thread.
 
 A worker ends as soon as its parent does, even in the middle of a decode: a server that exits at once (a second
 SIGTERM, its exit timer, a crash or SIGKILL) cannot kill its workers first, and an orphan would go on decoding a bomb
@@ -62,11 +62,12 @@ def serve(connection: Connection, memory_bytes: int) -> None:
         except MemoryError:
             connection.send(("error", TOO_BIG))
             continue
-        arrays = [pixels] if resized is None else [pixels, resized.square, resized.sam]
-        shapes = None if resized is None else (resized.square.shape, resized.sam.shape)
+        firsts = (None, None) if resized is None else (resized.square, resized.sam)
+        shapes = tuple(None if array is None else array.shape for array in firsts)
         connection.send(("ok", pixels.shape, image.sha256, image.format, shapes))
-        for array in arrays:
-            connection.send_bytes(np.ascontiguousarray(array).data.cast("B"))
+        for array in (pixels, *firsts):
+            if array is not None:
+                connection.send_bytes(np.ascontiguousarray(array).data.cast("B"))
 
 
 def end_with_parent(fd: int) -> None:

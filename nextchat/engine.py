@@ -183,15 +183,16 @@ class NextChatEngine:
     ) -> list[EncodedImage]:
         """RGB uint8 ``[H, W, 3]`` images → features for the LLM, one batched tower pass.
 
-        ``resized``: each image's first resize where it was already made (:mod:`nextchat.resizing`, for this
-        model's sides), so only the normalisation is left here; ``None`` entries are resized here.
+        ``resized``: each image's first resizes where they were already made (:mod:`nextchat.resizing`), so only
+        the normalisation is left here; an image without one for this model's side is resized here.
         """
         size = self.model.config.image_size
         firsts = resized or [None] * len(images)
+        squares = [_first_square(first, size) for first in firsts]
         pixels = torch.stack(
             [
-                normalised_square(first.square) if _made_for(first, vision=size) else vision_pixel_values(image, size)
-                for image, first in zip(images, firsts, strict=True)
+                vision_pixel_values(image, size) if square is None else normalised_square(square)
+                for image, square in zip(images, squares, strict=True)
             ]
         ).to(self.model.device)
         features = self.model.encode_images(pixels)
@@ -208,10 +209,11 @@ class NextChatEngine:
         :meth:`encode_images`)."""
         size = self.model.config.sam.image_size
         firsts = resized or [None] * len(images)
+        shrunk = [_first_sam(first, size) for first in firsts]
         pixels = torch.stack(
             [
-                padded_sam_input(first.sam, size) if _made_for(first, sam=size) else sam_pixel_values(image, size)
-                for image, first in zip(images, firsts, strict=True)
+                sam_pixel_values(image, size) if small is None else padded_sam_input(small, size)
+                for image, small in zip(images, shrunk, strict=True)
             ]
         )
         embeddings = self.model.encode_sam_images(pixels)
@@ -459,8 +461,11 @@ class NextChatEngine:
         self._kv.keep(rows)
 
 
-def _made_for(first: ResizedImage | None, *, vision: int | None = None, sam: int | None = None) -> bool:
-    """Whether an image's first resize was made for this model's vision side or SAM side."""
-    if first is None:
-        return False
-    return (vision is None or first.sides.vision == vision) and (sam is None or first.sides.sam == sam)
+def _first_square(first: ResizedImage | None, size: int) -> np.ndarray | None:
+    """The image's first resize for a vision tower of input ``size``, where one was made for that size."""
+    return first.square if first is not None and first.sides.vision == size else None
+
+
+def _first_sam(first: ResizedImage | None, size: int) -> np.ndarray | None:
+    """The image's first resize for a SAM of input ``size``, where one was made for that size."""
+    return first.sam if first is not None and first.sides.sam == size else None

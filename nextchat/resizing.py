@@ -57,24 +57,33 @@ class InputSides:
 class ResizedImage:
     """An image's first resize for each branch, made once, where it was decoded.
 
+    Only a branch whose input is smaller than the image gets one: that resize costs work (and the image held before
+    it, memory) in proportion to the image. Enlarging a smaller image costs no more than the model's input size, and
+    its result would be larger than the image it came from, so that is left to the model's side.
+
     Attributes:
-        sides: what the two were made for.
-        square: RGB uint8 ``[vision, vision, 3]``: :func:`square_resized`.
-        sam: RGB uint8 ``[h, w, 3]`` with long side ``sam``: :func:`sam_resized_image`.
+        sides: what they were made for.
+        square: RGB uint8 ``[vision, vision, 3]`` (:func:`square_resized`), or ``None``.
+        sam: RGB uint8 ``[h, w, 3]`` with long side ``sam`` (:func:`sam_resized_image`), or ``None``.
     """
 
     sides: InputSides
-    square: np.ndarray
-    sam: np.ndarray
+    square: np.ndarray | None
+    sam: np.ndarray | None
 
     @property
     def nbytes(self) -> int:
-        return int(self.square.nbytes + self.sam.nbytes)
+        return sum(int(array.nbytes) for array in (self.square, self.sam) if array is not None)
 
 
 def resize_for_model(image: np.ndarray, sides: InputSides) -> ResizedImage:
-    """Both first resizes of an RGB uint8 ``[H, W, 3]`` image."""
-    return ResizedImage(sides, square_resized(image, sides.vision), sam_resized_image(image, sides.sam))
+    """The first resizes of an RGB uint8 ``[H, W, 3]`` image that shrink it (see :class:`ResizedImage`)."""
+    side = max(image.shape[:2])
+    return ResizedImage(
+        sides,
+        square_resized(image, sides.vision) if side > sides.vision else None,
+        sam_resized_image(image, sides.sam) if side > sides.sam else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def assert_same(a, b) -> None:
         torch.testing.assert_close(x.at_hidden, y.at_hidden, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size", [(96, 60), (50, 90), (64, 64), (700, 9), (11, 500), (3000, 2000)])
+@pytest.mark.parametrize("size", [(96, 60), (50, 90), (64, 64), (700, 9), (11, 500), (3000, 2000), (20, 12)])
 def test_first_resizes_made_where_the_image_was_decoded_encode_to_the_same_bits(
     engine: NextChatEngine, size: tuple[int, int]
 ) -> None:
