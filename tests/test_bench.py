@@ -5,10 +5,19 @@ import json
 import torch
 
 from benchmarks import bench
+from mcp_server.runner import NextChatRunner, default_cpu_threads
 
 
-def test_the_benchmark_alternates_both_paths_and_ends_with_the_ratio_line(tmp_path, capsys) -> None:
+def test_the_benchmark_alternates_both_paths_and_ends_with_the_ratio_line(tmp_path, capsys, monkeypatch) -> None:
     threads = torch.get_num_threads()
+    model_thread_counts: set[int] = set()  # torch's thread count as the server's model thread sees it, each step
+    real_step = NextChatRunner.step
+
+    def step(self: NextChatRunner):
+        model_thread_counts.add(torch.get_num_threads())
+        return real_step(self)
+
+    monkeypatch.setattr(NextChatRunner, "step", step)
     try:
         bench.main(
             ["--preset", "tiny", "--device", "cpu", "--concurrency", "1", "8", "--requests", "4",
@@ -43,3 +52,5 @@ def test_the_benchmark_alternates_both_paths_and_ends_with_the_ratio_line(tmp_pa
     ratio = by_point["batched", 8]["throughput_rps"] / by_point["naive", 1]["throughput_rps"]
     assert report["throughput_ratio_c8"] == round(ratio, 3)
     assert lines[-1] == f"throughput ratio at concurrency 8 (batched/naive): {ratio:.2f}"
+    # The batched path runs with the count its header prints (torch keeps one per thread: set in the model thread).
+    assert model_thread_counts == {default_cpu_threads()} == {report["torch_threads"]["batched"]}
