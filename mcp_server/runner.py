@@ -209,7 +209,7 @@ class NextChatRunner:
         self.input_sides = InputSides(net.config.image_size, net.config.sam.image_size)
         self.scope = self.model_scope.scope
         # The check runs in its own thread from the job's submission (numpy, most of it without the GIL), so the
-        # model thread finds it done instead of stalling the batch for it (about 7.5 ms of CPU a 336 px image).
+        # model thread finds it done instead of stalling the batch for it (a few ms of CPU a 336 px image).
         self._warnings: OrderedDict[str, Future[tuple[str, ...]]] = OrderedDict()
         self._world_checker = (
             ThreadPoolExecutor(1, thread_name_prefix="world-check") if self.model_scope.world_check else None
