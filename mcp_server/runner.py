@@ -46,7 +46,7 @@ from nextchat.loading import llm_parameter_count, load_model
 from nextchat.modeling_nextchat import NextChatModel
 from nextchat.pipeline import GroundedObject, NextChatPipeline
 from nextchat.processing import ImageGeometry
-from nextchat.resizing import InputSides
+from nextchat.resizing import InputSides, ResizedImage
 from nextchat.scopes import scope_of
 from nextchat.tokenization import NextChatTokenizer
 
@@ -121,6 +121,12 @@ def _feature_bytes(image: EncodedImage) -> int:
 
 def _sam_bytes(image: SamImage) -> int:
     return image.embeddings.numel() * image.embeddings.element_size()
+
+
+def _pixels_and_resizes(images: list[DecodedImage]) -> tuple[list[np.ndarray], list[ResizedImage | None]]:
+    """What the engine's encoders take: each image's pixels and its first resizes (made by a decode worker, or
+    ``None``)."""
+    return [image.pixels for image in images], [image.resized for image in images]
 
 
 def cache_key(job: Job) -> str:
@@ -341,7 +347,7 @@ class NextChatRunner:
         images = encode_cached(
             [(cache_key(item.job), item.job.image) for item in starting],
             self.features,
-            lambda images: self.engine.encode_images([i.pixels for i in images], [i.resized for i in images]),
+            lambda images: self.engine.encode_images(*_pixels_and_resizes(images)),
             _feature_bytes,
         )
         for item in starting:
@@ -355,7 +361,7 @@ class NextChatRunner:
         return encode_cached(
             keyed,
             self.sam_images,
-            lambda images: self.engine.encode_sam_images([i.pixels for i in images], [i.resized for i in images]),
+            lambda images: self.engine.encode_sam_images(*_pixels_and_resizes(images)),
             _sam_bytes,
         )
 

@@ -25,14 +25,7 @@ import torch
 from nextchat.decode_graphs import DecodeMode, DecodeStep
 from nextchat.kv_cache import BatchKVCache
 from nextchat.modeling_nextchat import NextChatModel, TokenIds
-from nextchat.processing import (
-    ImageGeometry,
-    mask_logits_to_original,
-    normalised_square,
-    padded_sam_input,
-    sam_pixel_values,
-    vision_pixel_values,
-)
+from nextchat.processing import ImageGeometry, mask_logits_to_original, sam_pixel_values, vision_pixel_values
 from nextchat.resizing import ResizedImage
 from nextchat.tokenization import AT, BOXES, IM_END, IM_PATCH, IM_START, NextChatTokenizer
 
@@ -188,12 +181,8 @@ class NextChatEngine:
         """
         size = self.model.config.image_size
         firsts = resized or [None] * len(images)
-        squares = [_first_square(first, size) for first in firsts]
         pixels = torch.stack(
-            [
-                vision_pixel_values(image, size) if square is None else normalised_square(square)
-                for image, square in zip(images, squares, strict=True)
-            ]
+            [vision_pixel_values(image, size, first=first) for image, first in zip(images, firsts, strict=True)]
         ).to(self.model.device)
         features = self.model.encode_images(pixels)
         return [
@@ -209,12 +198,8 @@ class NextChatEngine:
         :meth:`encode_images`)."""
         size = self.model.config.sam.image_size
         firsts = resized or [None] * len(images)
-        shrunk = [_first_sam(first, size) for first in firsts]
         pixels = torch.stack(
-            [
-                sam_pixel_values(image, size) if small is None else padded_sam_input(small, size)
-                for image, small in zip(images, shrunk, strict=True)
-            ]
+            [sam_pixel_values(image, size, first) for image, first in zip(images, firsts, strict=True)]
         )
         embeddings = self.model.encode_sam_images(pixels)
         return [
@@ -459,13 +444,3 @@ class NextChatEngine:
         """Keep only the given rows of the running batch."""
         self._active = [self._active[r] for r in rows]
         self._kv.keep(rows)
-
-
-def _first_square(first: ResizedImage | None, size: int) -> np.ndarray | None:
-    """The image's first resize for a vision tower of input ``size``, where one was made for that size."""
-    return first.square if first is not None and first.sides.vision == size else None
-
-
-def _first_sam(first: ResizedImage | None, size: int) -> np.ndarray | None:
-    """The image's first resize for a SAM of input ``size``, where one was made for that size."""
-    return first.sam if first is not None and first.sides.sam == size else None

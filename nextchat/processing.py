@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nextchat.resizing import ImageGeometry, sam_resized_image, square_resized
+from nextchat.resizing import ImageGeometry, ResizedImage, sam_resized_image, square_resized
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,21 +34,19 @@ def vision_pixel_values(
     size: int,
     mean: tuple[float, float, float] = CLIP_MEAN,
     std: tuple[float, float, float] = CLIP_STD,
+    first: ResizedImage | None = None,
 ) -> torch.Tensor:
     """The vision tower's input for an RGB uint8 ``[H, W, 3]`` image: float32 ``[3, size, size]``.
 
     Expand to a white square, resize (bicubic, as ``CLIPImageProcessor``; the centre crop of a square resized to the
     crop size is the identity), rescale to 0–1 and normalise. The result is the official one to the last bit, but
-    the ``L × L`` square is never built when it is larger than the input (see :func:`square_resized`).
+    the ``L × L`` square is never built when it is larger than the input (see :func:`square_resized`). ``first``:
+    the image's first resizes where they were already made (:mod:`nextchat.resizing`); its square is used when it
+    was made for ``size``.
     """
-    return normalised_square(square_resized(image, size), mean, std)
-
-
-def normalised_square(
-    square: np.ndarray, mean: tuple[float, float, float] = CLIP_MEAN, std: tuple[float, float, float] = CLIP_STD
-) -> torch.Tensor:
-    """The vision tower's input from the image's resized square, RGB uint8 ``[L, L, 3]``
-    (:func:`~nextchat.resizing.square_resized`): float32 ``[3, L, L]``, rescaled to 0–1 and normalised."""
+    square = first.square if first is not None and first.sides.vision == size else None
+    if square is None:
+        square = square_resized(image, size)
     x = square.astype(np.float32) * np.float32(1 / 255)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
@@ -58,20 +56,21 @@ def normalised_square(
 # SAM branch: resize long side, normalise, centred zero padding.
 
 
-def sam_pixel_values(image: np.ndarray, sam_size: int) -> torch.Tensor:
-    """SAM's input for an RGB uint8 ``[H, W, 3]`` image: float32 ``[3, S, S]``, normalised, zero-padded centred."""
-    return padded_sam_input(sam_resized_image(image, sam_size), sam_size)
+def sam_pixel_values(image: np.ndarray, sam_size: int, first: ResizedImage | None = None) -> torch.Tensor:
+    """SAM's input for an RGB uint8 ``[H, W, 3]`` image: float32 ``[3, S, S]``, normalised, zero-padded centred.
 
-
-def padded_sam_input(resized: np.ndarray, sam_size: int) -> torch.Tensor:
-    """SAM's input from the image resized to long side ``S``, RGB uint8 ``[h, w, 3]``
-    (:func:`~nextchat.resizing.sam_resized_image`): float32 ``[3, S, S]``, normalised, zero-padded centred."""
-    h, w = resized.shape[:2]
-    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+    ``first``: as in :func:`vision_pixel_values`; its SAM resize is used when it was made for ``sam_size``.
+    """
+    geometry = ImageGeometry(image.shape[1], image.shape[0])
+    small = first.sam if first is not None and first.sides.sam == sam_size else None
+    if small is None:
+        small = sam_resized_image(image, sam_size)
+    resized = torch.from_numpy(np.array(small)).permute(2, 0, 1)
     mean = torch.tensor(SAM_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(SAM_STD, dtype=torch.float32).view(3, 1, 1)
-    x = (x - mean) / std
-    left, top = (sam_size - w) // 2, (sam_size - h) // 2  # ImageGeometry.sam_padding, for the resized size
+    x = (resized - mean) / std
+    left, top = geometry.sam_padding(sam_size)
+    h, w = x.shape[1:]
     return F.pad(x, (left, sam_size - w - left, top, sam_size - h - top))
 
 

@@ -21,7 +21,7 @@ from mcp_server.image_io import ImageInputError, ImagePolicy
 from mcp_server.image_structure import StructureError, check_structure
 from mcp_server.server import create_server
 from mcp_server.settings import Settings
-from nextchat import engine as engine_module
+from nextchat import processing
 from nextchat.resizing import InputSides, resize_for_model
 
 
@@ -125,8 +125,8 @@ async def test_once_the_model_has_loaded_the_model_thread_resizes_no_image(
     try:
         async with Client(server) as client:
             assert await app.executor.wait_ready(30)
-            monkeypatch.setattr(engine_module, "vision_pixel_values", resized_on_the_model_thread)
-            monkeypatch.setattr(engine_module, "sam_pixel_values", resized_on_the_model_thread)
+            monkeypatch.setattr(processing, "square_resized", resized_on_the_model_thread)
+            monkeypatch.setattr(processing, "sam_resized_image", resized_on_the_model_thread)
             located = await call(client, "locate_objects", {"image": str(image_dir / "scene1.png"), "query": "circle"})
             await call(client, "segment_object", {"image": located["image"]["id"], "box": [4, 4, 60, 60]})
             wide = encode(Image.fromarray(noise(900, 40)), "PNG")
